@@ -1,0 +1,25 @@
+"""Shared fixtures: the bundled model, a private temp dir for vLLM's IPC sockets."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# vLLM on these CPU machines: a fixed KV cache size (the default NUMA-based check fails
+# on small nodes); engine and worker in this process for in-process tests.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM writes IPC sockets to the temp dir; keep them in a folder the session removes.
+_TMP = tempfile.TemporaryDirectory(prefix="vllm-kvcompress-tests-")
+os.environ["TMPDIR"] = _TMP.name
+tempfile.tempdir = _TMP.name
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
+
+    return model_path(DEFAULT_MODEL)

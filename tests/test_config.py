@@ -1,0 +1,139 @@
+"""Settings: parsing, presets, and one-line errors naming the flag."""
+
+from __future__ import annotations
+
+import pytest
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.entrypoints.launchers.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from vllm_kvcompress.config import (
+    KVCompressConfig,
+    KVCompressConfigError,
+    load_preset,
+    resolve_settings,
+)
+from vllm_kvcompress.vllm_plugin import register
+
+register()
+
+
+def serve_args(*argv: str):
+    parser = make_arg_parser(FlexibleArgumentParser())
+    return parser.parse_args(list(argv))
+
+
+def engine_args_from_cli(*argv: str) -> AsyncEngineArgs:
+    return AsyncEngineArgs.from_cli_args(serve_args(*argv))
+
+
+def cli_error(*argv: str) -> str:
+    with pytest.raises(SystemExit) as excinfo:
+        engine_args_from_cli(*argv)
+    message = str(excinfo.value.code)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_leave_additional_config_untouched(model_dir):
+    engine_args = engine_args_from_cli("--model", str(model_dir))
+    assert engine_args.additional_config == {}
+    engine_args = engine_args_from_cli("--model", str(model_dir), "--kv-policy", "none")
+    assert engine_args.additional_config == {}
+
+
+def test_unknown_policy_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        serve_args("--model", "m", "--kv-policy", "lru")
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kv-policy" in err and "'lru'" in err and "snapkv" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (("--budget", "0"), "--budget=0"),
+        (("--budget", "-5"), "--budget=-5"),
+        (("--kv-window", "-1"), "--kv-window=-1"),
+        (("--kv-sinks", "-2"), "--kv-sinks=-2"),
+        (("--kv-interval", "0"), "--kv-interval=0"),
+    ],
+)
+def test_bad_numbers_name_the_flag(model_dir, argv, expected):
+    message = cli_error("--model", str(model_dir), "--kv-policy", "snapkv", *argv)
+    assert expected in message
+    assert "greater than or equal to" in message
+
+
+def test_budget_larger_than_max_model_len(model_dir):
+    message = cli_error("--model", str(model_dir), "--max-model-len", "1024",
+                        "--kv-policy", "snapkv", "--budget", "2048")
+    assert "--budget=2048" in message and "max_model_len (1024)" in message
+    # Without --max-model-len the model's own limit (8192 positions) applies.
+    message = cli_error("--model", str(model_dir), "--kv-policy", "snapkv", "--budget", "9000")
+    assert "max_model_len (8192)" in message
+
+
+def test_missing_and_malformed_presets(tmp_path, model_dir):
+    message = cli_error("--model", str(model_dir), "--kv-config", str(tmp_path / "nope.yaml"))
+    assert "--kv-config=" in message and "no such file" in message and "ems-256" in message
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kv_policy: [snapkv\nbudget: 3\n")
+    assert "malformed YAML" in cli_error("--model", str(model_dir), "--kv-config", str(bad))
+
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("just a string\n")
+    assert "must be a YAML mapping" in cli_error("--model", str(model_dir), "--kv-config", str(scalar))
+
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("kv_policy: snapkv\nbudgte: 64\n")
+    message = cli_error("--model", str(model_dir), "--kv-config", str(unknown))
+    assert "unknown setting(s) budgte" in message and "budget" in message
+
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("kv_policy: snapkv\nbudget: lots\n")
+    assert "--budget='lots'" in cli_error("--model", str(model_dir), "--kv-config", str(wrong_type))
+
+
+def test_presets_load_and_flags_override_them():
+    preset = load_preset("snapkv-1024")
+    assert preset["kv_policy"] == "snapkv" and preset["budget"] == 1024
+    settings = resolve_settings("snapkv-1024", {"budget": 128, "kv_window": None})
+    assert settings.kv_policy == "snapkv"
+    assert settings.budget == 128          # explicit flag wins
+    assert settings.kv_window == 32        # from the preset, not overridden by a None flag
+    assert settings.kv_policy_args == {"pool_kernel": 7, "pool": "max"}
+
+
+def test_preset_through_the_serve_parser(model_dir):
+    # Every policy but "none" is refused at start-up until it runs inside vLLM; the
+    # preset's values must still have been read and merged first.
+    message = cli_error("--model", str(model_dir), "--kv-config", "ems-256", "--budget", "64")
+    assert "--kv-policy=ems" in message
+
+
+def test_not_yet_servable_policy_fails_at_start_up(model_dir):
+    message = cli_error("--model", str(model_dir), "--kv-policy", "mikv", "--budget", "64")
+    assert "--kv-policy=mikv" in message and "not implemented inside vLLM yet" in message
+
+
+def test_offline_additional_config_is_validated_before_the_engine_starts(model_dir):
+    for bad, expected in [
+        ({"kv_policy": "lru"}, "--kv-policy='lru'"),
+        ({"kv_policy": "snapkv", "budget": 0}, "--budget=0"),
+        ({"kv_policy": "snapkv", "kv_prefill_mode": "eager"}, "--kv-prefill-mode='eager'"),
+        ({"kv_policy": "snapkv", "budget": 4096}, "max_model_len (1024)"),
+    ]:
+        engine_args = EngineArgs(model=str(model_dir), max_model_len=1024, additional_config=bad)
+        with pytest.raises(KVCompressConfigError, match=r".*") as excinfo:
+            engine_args.create_engine_config()
+        assert expected in str(excinfo.value), (bad, str(excinfo.value))
+
+
+def test_config_round_trips_through_additional_config():
+    settings = KVCompressConfig(kv_policy="h2o", budget=100, kv_sinks=0)
+    extra = {"unrelated_key": 1, **settings.to_additional_config()}
+    assert KVCompressConfig.from_additional_config(extra) == settings
+    assert KVCompressConfig.from_additional_config(None) == KVCompressConfig()

@@ -1,0 +1,127 @@
+"""The compression flags on vLLM's EngineArgs: parse, validate, carry.
+
+`vllm serve` adds EngineArgs' flags to its parser after plugins are loaded, and builds
+EngineArgs with `from_cli_args`, which copies dataclass fields only; offline `LLM(...)`
+builds EngineArgs directly. So we wrap three EngineArgs methods:
+- `add_cli_args`: add `--kv-policy`, `--budget`, ... (argparse checks types and choices);
+- `from_cli_args`: merge preset + flags into `additional_config`, validate, and exit with
+  one line on a bad value (no traceback: nothing has started yet);
+- `create_engine_config`: validate whatever reached `additional_config` (the offline and
+  `--additional-config` paths) against the model's max_model_len.
+With `--kv-policy none` and no flags, `additional_config` is left exactly as given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vllm.engine.arg_utils import EngineArgs
+
+from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, resolve_settings
+from vllm_kvcompress.policies.registry import KNOWN_POLICIES
+from vllm_kvcompress.vllm_plugin.engine_setup import check_servable, enable_compression
+
+# argparse dest -> KVCompressConfig field (same names: the flags map 1:1).
+FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode")
+
+
+def add_compression_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the compression flags to `parser`; defaults are None so presets can fill them."""
+    group = parser.add_argument_group(
+        title="KV compression (vllm-kvcompress)",
+        description="Per-head KV cache eviction and merging. Explicit flags override --kv-config.",
+    )
+    group.add_argument(
+        "--kv-policy", choices=KNOWN_POLICIES, default=None,
+        help="Compression policy; 'none' (default) is stock vLLM.",
+    )
+    group.add_argument(
+        "--budget", type=int, default=None,
+        help="Tokens kept per KV head per layer on average, sinks and window included "
+        "(default 256).",
+    )
+    group.add_argument(
+        "--kv-window", type=int, default=None,
+        help="Protected recent tokens, never evicted (default: the policy's own).",
+    )
+    group.add_argument(
+        "--kv-sinks", type=int, default=None,
+        help="Protected first tokens, never evicted (default: the policy's own).",
+    )
+    group.add_argument(
+        "--kv-interval", type=int, default=None,
+        help="Decode steps between compressions of a stream (default 16).",
+    )
+    group.add_argument(
+        "--kv-prefill-mode", choices=("full", "chunked"), default=None,
+        help="full: compress once the whole prompt is in (default); chunked: after "
+        "every prefill chunk (bounded memory for prompts larger than the cache).",
+    )
+    group.add_argument(
+        "--kv-config", default=None, metavar="FILE.yaml",
+        help="YAML preset of the settings above (a path, or a name from configs/).",
+    )
+
+
+def settings_from_cli(args: argparse.Namespace, additional_config: dict[str, Any]) -> KVCompressConfig:
+    """additional_config's keys, then the preset, then explicit flags (later wins)."""
+    explicit = {field: getattr(args, field, None) for field in FLAG_FIELDS}
+    base = {k: v for k, v in additional_config.items() if k in KVCompressConfig.model_fields}
+    preset = getattr(args, "kv_config", None)
+    return resolve_settings(preset, {**base, **{k: v for k, v in explicit.items() if v is not None}})
+
+
+def max_model_len_of(engine_args: EngineArgs) -> int | None:
+    """max_model_len as vLLM will derive it, or None when the model config cannot be built."""
+    if engine_args.max_model_len is not None:
+        return int(engine_args.max_model_len)
+    try:
+        return engine_args.create_model_config().max_model_len
+    except Exception:
+        return None  # vLLM reports its own error about the model when it starts
+
+
+def install() -> None:
+    """Wrap EngineArgs' CLI and config hooks; a second call changes nothing."""
+    if getattr(EngineArgs.add_cli_args, "_kvcompress", False):
+        return
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+    original_create = EngineArgs.create_engine_config
+
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        add_compression_flags(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        additional = dict(engine_args.additional_config or {})
+        try:
+            settings = settings_from_cli(args, additional)
+            if settings.enabled:
+                limit = max_model_len_of(engine_args)
+                if limit is not None:
+                    settings.check_max_model_len(limit)
+            check_servable(settings)
+        except KVCompressConfigError as exc:
+            sys.exit(f"vllm-kvcompress: error: {exc}")
+        if settings.enabled or any(k in additional for k in KVCompressConfig.model_fields):
+            additional.update(settings.to_additional_config())
+            engine_args.additional_config = additional
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        settings = KVCompressConfig.from_additional_config(self.additional_config)
+        vllm_config = original_create(self, *args, **kwargs)
+        if settings.enabled:
+            settings.check_max_model_len(vllm_config.model_config.max_model_len)
+            enable_compression(vllm_config, settings)
+        return vllm_config
+
+    add_cli_args._kvcompress = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
