@@ -28,8 +28,9 @@ def engine_args_from_cli(*argv: str) -> AsyncEngineArgs:
 
 
 def cli_error(*argv: str) -> str:
+    """The one-line error `vllm serve ARGV` stops with (flags, then the engine config)."""
     with pytest.raises(SystemExit) as excinfo:
-        engine_args_from_cli(*argv)
+        engine_args_from_cli(*argv).create_engine_config()
     message = str(excinfo.value.code)
     assert "\n" not in message
     return message

@@ -4,10 +4,10 @@
 EngineArgs with `from_cli_args`, which copies dataclass fields only; offline `LLM(...)`
 builds EngineArgs directly. So we wrap three EngineArgs methods:
 - `add_cli_args`: add `--kv-policy`, `--budget`, ... (argparse checks types and choices);
-- `from_cli_args`: merge preset + flags into `additional_config`, validate, and exit with
-  one line on a bad value (no traceback: nothing has started yet);
+- `from_cli_args`: merge preset + flags into `additional_config` and validate them;
 - `create_engine_config`: validate whatever reached `additional_config` (the offline and
-  `--additional-config` paths) against the model's max_model_len.
+  `--additional-config` paths) against the model, then switch compression on.
+On the command line every bad value ends the start with one line, no traceback.
 With `--kv-policy none` and no flags, `additional_config` is left exactly as given.
 """
 
@@ -21,7 +21,7 @@ from vllm.engine.arg_utils import EngineArgs
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, resolve_settings
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
-from vllm_kvcompress.vllm_plugin.engine_setup import check_servable, enable_compression
+from vllm_kvcompress.vllm_plugin.engine_setup import enable_compression
 
 # argparse dest -> KVCompressConfig field (same names: the flags map 1:1).
 FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode")
@@ -73,16 +73,6 @@ def settings_from_cli(args: argparse.Namespace, additional_config: dict[str, Any
     return resolve_settings(preset, {**base, **{k: v for k, v in explicit.items() if v is not None}})
 
 
-def max_model_len_of(engine_args: EngineArgs) -> int | None:
-    """max_model_len as vLLM will derive it, or None when the model config cannot be built."""
-    if engine_args.max_model_len is not None:
-        return int(engine_args.max_model_len)
-    try:
-        return engine_args.create_model_config().max_model_len
-    except Exception:
-        return None  # vLLM reports its own error about the model when it starts
-
-
 def install() -> None:
     """Wrap EngineArgs' CLI and config hooks; a second call changes nothing."""
     if getattr(EngineArgs.add_cli_args, "_kvcompress", False):
@@ -101,24 +91,26 @@ def install() -> None:
         additional = dict(engine_args.additional_config or {})
         try:
             settings = settings_from_cli(args, additional)
-            if settings.enabled:
-                limit = max_model_len_of(engine_args)
-                if limit is not None:
-                    settings.check_max_model_len(limit)
-            check_servable(settings)
         except KVCompressConfigError as exc:
             sys.exit(f"vllm-kvcompress: error: {exc}")
         if settings.enabled or any(k in additional for k in KVCompressConfig.model_fields):
             additional.update(settings.to_additional_config())
             engine_args.additional_config = additional
+        # Errors found later, once the model config exists, also end in one line.
+        engine_args._kvcompress_from_cli = True
         return engine_args
 
     def create_engine_config(self, *args, **kwargs):
-        settings = KVCompressConfig.from_additional_config(self.additional_config)
-        vllm_config = original_create(self, *args, **kwargs)
-        if settings.enabled:
-            settings.check_max_model_len(vllm_config.model_config.max_model_len)
-            enable_compression(vllm_config, settings)
+        try:
+            settings = KVCompressConfig.from_additional_config(self.additional_config)
+            vllm_config = original_create(self, *args, **kwargs)
+            if settings.enabled:
+                settings.check_max_model_len(vllm_config.model_config.max_model_len)
+                enable_compression(vllm_config, settings, self.enable_prefix_caching)
+        except KVCompressConfigError as exc:
+            if getattr(self, "_kvcompress_from_cli", False):
+                sys.exit(f"vllm-kvcompress: error: {exc}")
+            raise
         return vllm_config
 
     add_cli_args._kvcompress = True

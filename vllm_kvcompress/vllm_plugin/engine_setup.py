@@ -1,13 +1,31 @@
-"""Turn compression on in a VllmConfig (called once the config is built)."""
+"""Turn compression on in a freshly built VllmConfig.
+
+Everything else follows from the config, which reaches every vLLM process: the scheduler
+class (engine core) registers our KV cache spec and manager, the worker class (workers)
+swaps in the attention backend before the model is built.
+"""
 
 from __future__ import annotations
 
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 
+logger = init_logger(__name__)
+
 # Policies the vLLM integration can run; the others exist as pure tensor code only.
 SERVABLE_POLICIES: frozenset[str] = frozenset()
+
+# Tokens per head-block and per page: small enough that a 256-token budget wastes at most
+# one partly filled block in eight, a multiple of 32 as vLLM's CPU kernels expect.
+BLOCK_SIZE = 32
+
+SCHEDULER_CLS = "vllm_kvcompress.vllm_plugin.scheduler.KVCompressScheduler"
+# vLLM's worker class per platform -> ours, which wraps it.
+WORKER_CLS = {
+    "vllm.v1.worker.cpu_worker.CPUWorker": "vllm_kvcompress.vllm_plugin.worker.CPUCompressionWorker",
+}
 
 
 class PolicyNotServableError(KVCompressConfigError, NotImplementedError):
@@ -23,5 +41,45 @@ def check_servable(settings: KVCompressConfig) -> None:
         )
 
 
-def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig) -> None:
+def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig,
+                       prefix_caching_requested: bool | None = None) -> None:
+    """Point vLLM at our scheduler and worker; refuse combinations we cannot run."""
     check_servable(settings)
+    _refuse_unsupported(vllm_config, prefix_caching_requested)
+    cache_config = vllm_config.cache_config
+    cache_config.block_size = BLOCK_SIZE
+    if cache_config.enable_prefix_caching:
+        logger.info("vllm-kvcompress: prefix caching is turned off while KV compression "
+                    "is on (compressed pages no longer hold the tokens of their position)")
+        cache_config.enable_prefix_caching = False
+    # Both sides of the page accounting assume each step sees the previous one finished.
+    vllm_config.scheduler_config.async_scheduling = False
+    vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
+    parallel_config = vllm_config.parallel_config
+    parallel_config.worker_cls = WORKER_CLS[parallel_config.worker_cls]
+    logger.info("vllm-kvcompress: %s, budget %d tokens per KV head, interval %d, prefill %s",
+                settings.kv_policy, settings.budget, settings.kv_interval,
+                settings.kv_prefill_mode)
+
+
+def _refuse_unsupported(vllm_config: VllmConfig, prefix_caching_requested: bool | None) -> None:
+    model_config = vllm_config.model_config
+    problems = []
+    if prefix_caching_requested:
+        problems.append("--enable-prefix-caching (compressed pages cannot be shared yet; "
+                        "leave it unset)")
+    if vllm_config.speculative_config is not None:
+        problems.append("speculative decoding")
+    if vllm_config.kv_transfer_config is not None:
+        problems.append("KV connectors (--kv-transfer-config)")
+    if model_config.is_encoder_decoder or model_config.use_mla or model_config.is_hybrid:
+        problems.append("this model's attention (needs a decoder with standard "
+                        "multi-head/grouped-query attention)")
+    if model_config.get_sliding_window() is not None:
+        problems.append("sliding-window attention layers")
+    if vllm_config.parallel_config.worker_cls not in WORKER_CLS:
+        problems.append(f"the worker {vllm_config.parallel_config.worker_cls} (supported: "
+                        "vLLM's CPU worker)")
+    if problems:
+        raise KVCompressConfigError(
+            "KV compression cannot run with " + "; ".join(problems))

@@ -1,0 +1,73 @@
+"""When streams are compressed, and the memory bound that follows from it.
+
+The same rule runs in three places that must agree exactly: the worker (which compresses),
+the scheduler's KV manager (which allocates pages by the bound without asking the worker)
+and the reference runner outside vLLM. It is therefore a pure function of token counts.
+
+Rule: after a step that leaves a request with n processed tokens, its streams are
+compressed down to their budgets when n >= budget + interval and at least `interval`
+tokens arrived since the last compression (in `full` prefill mode, never before the whole
+prompt is in). Hence, once compressed, a stream holds at most budget + interval - 1
+tokens after any step, plus the tokens scheduled in the step while it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CompressionSchedule:
+    """budget: kept tokens per stream on average (window included); triggers compression.
+    interval: tokens between compressions. block_size: slots per head-block (= tokens
+    per vLLM page). prefill_mode: "full" or "chunked". layer_budget: the largest mean
+    budget of any layer when layers differ (PyramidKV); bounds memory. None = budget.
+    """
+
+    budget: int
+    interval: int
+    block_size: int
+    prefill_mode: str = "full"
+    layer_budget: int | None = None
+
+    def should_compress(self, num_tokens: int, last_compressed_at: int, prompt_len: int) -> bool:
+        """Compress after a step that ends with `num_tokens` processed?
+
+        last_compressed_at: num_tokens at the previous compression (0 = never).
+        """
+        if self.prefill_mode == "full" and num_tokens < prompt_len:
+            return False
+        return (num_tokens >= self.budget + self.interval
+                and num_tokens - last_compressed_at >= self.interval)
+
+    def max_tokens_after_step(self, num_tokens: int, prompt_len: int) -> int:
+        """Upper bound on a stream's mean length after a step ending at `num_tokens`."""
+        if self.prefill_mode == "full" and num_tokens < prompt_len:
+            return num_tokens
+        return min(num_tokens, max(self.budget, self.layer_budget or 0) + self.interval - 1)
+
+    def pages_for_tokens(self, mean_tokens: int, num_tokens: int) -> int:
+        """Pages holding H streams of mean length `mean_tokens` (of `num_tokens` seen).
+
+        Uncompressed streams all have the same length: ceil(n / block_size) pages. Once
+        compressed, heads may differ in length, and each stream may leave its last
+        head-block partly empty: sum_h ceil(len_h / bs) <= (H * mean + H * (bs - 1)) / bs.
+        """
+        if mean_tokens >= num_tokens:
+            return _cdiv(num_tokens, self.block_size)
+        return min(_cdiv(num_tokens, self.block_size),
+                   _cdiv(mean_tokens + self.block_size - 1, self.block_size))
+
+    def pages_for_step(self, num_computed: int, num_scheduled: int, prompt_len: int) -> int:
+        """Pages a request needs while a step with `num_scheduled` new tokens runs."""
+        kept = self.max_tokens_after_step(num_computed, prompt_len) if num_computed else 0
+        return self.pages_for_tokens(kept + num_scheduled, num_computed + num_scheduled)
+
+    def pages_to_keep(self, num_computed: int, prompt_len: int) -> int:
+        """Pages a running request keeps between steps: enough for one more decode step,
+        so a request in steady decode neither frees nor allocates pages."""
+        return self.pages_for_step(num_computed, 1, prompt_len)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

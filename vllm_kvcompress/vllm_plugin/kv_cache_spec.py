@@ -1,0 +1,128 @@
+"""Scheduler-side accounting: a KV cache spec whose manager allocates by the compressed bound.
+
+vLLM's full-attention manager gives a request ceil(tokens / block_size) pages. Ours gives
+it what `CompressionSchedule` says the compressed streams can occupy (the whole context
+until the first compression, then about budget + interval tokens), and frees the trailing
+pages beyond that as soon as a step ends with less data. The worker compacts every
+request's live head-blocks into its first pages, so trailing pages hold no live data when
+they are released; the worker applies the same release rule to its copy of the block
+table (see worker_state.py), so both sides agree on a request's live pages without
+exchanging messages.
+
+Released pages become null entries in the request's block list (as sliding-window
+attention does); new pages are appended. A page is never handed to another request while
+it holds live data of the first: release happens only for pages past the bound, at the
+start of a step, after the previous step's compaction ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_kvcompress.cache.schedule import CompressionSchedule
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressedAttentionSpec(FullAttentionSpec):
+    """Full attention whose pages hold per-head compressed streams (private, unhashable)."""
+
+
+class CompressedAttentionManager(FullAttentionManager):
+    """Allocates and frees a request's pages by its CompressionSchedule.
+
+    `schedules` is kept by the scheduler from a request's arrival to its end (None: the
+    request is not compressed and behaves like full attention).
+    """
+
+    def __init__(self, kv_cache_spec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.schedules: dict[str, CompressionSchedule | None] = {}
+        # request id -> (computed tokens at the start of this step, prompt length)
+        self._step: dict[str, tuple[int, int]] = {}
+        self.pages_released = 0
+
+    def num_live_pages(self, request_id: str) -> int:
+        return sum(not block.is_null for block in self.req_to_blocks.get(request_id, ()))
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        # Called first in every allocate_slots: remember the step's starting point and
+        # release pages the streams no longer need after the previous step.
+        self._step[request_id] = (processed_computed_tokens, num_prompt_tokens or 0)
+        schedule = self.schedules.get(request_id)
+        if schedule is None or request_id not in self.req_to_blocks:
+            return
+        keep = schedule.pages_to_keep(processed_computed_tokens, num_prompt_tokens or 0)
+        self.pages_released += release_trailing_pages(
+            self.req_to_blocks[request_id], keep, self._null_block, self.block_pool)
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, num_local_computed_tokens,
+                                   num_tokens_main_model, apply_admission_cap=False,
+                                   prefill_end=0) -> int:
+        schedule = self.schedules.get(request_id)
+        if schedule is None:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
+                prefill_end)
+        prompt_len = self._step.get(request_id, (0, 0))[1]
+        needed = schedule.pages_for_step(
+            total_computed_tokens, num_tokens - total_computed_tokens, prompt_len)
+        return max(needed - self.num_live_pages(request_id), 0)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        schedule = self.schedules.get(request_id)
+        if schedule is None:
+            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        computed, prompt_len = self._step.get(request_id, (0, 0))
+        needed = schedule.pages_for_step(computed, num_tokens - computed, prompt_len)
+        missing = needed - self.num_live_pages(request_id)
+        if missing <= 0:
+            return []
+        new_blocks = self.block_pool.get_new_blocks(missing)
+        self.req_to_blocks[request_id].extend(new_blocks)
+        if self._record_new_block_ids:
+            self.new_block_ids.extend(block.block_id for block in new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, request, num_tokens, retention_interval=None, *,
+                     replay_boundaries) -> None:
+        # Compressed pages no longer hold the tokens of their position: never hash them.
+        return
+
+    def pop_blocks_for_free(self, request_id: str):
+        # Freed on finish and on preemption; the schedule stays until the request ends.
+        self._step.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+
+def release_trailing_pages(blocks: list, keep: int, null_block, block_pool) -> int:
+    """Null and free the live entries of `blocks` past the first `keep` live ones.
+
+    Returns how many pages were freed. Entries keep their positions (the worker's block
+    table only ever appends), so released ones become the null block.
+    """
+    live_positions = [i for i, block in enumerate(blocks) if not block.is_null]
+    released = live_positions[keep:]
+    if not released:
+        return 0
+    freed = [blocks[i] for i in reversed(released)]
+    for i in released:
+        blocks[i] = null_block
+    block_pool.free_blocks(freed)
+    return len(freed)
+
+
+def register_spec() -> None:
+    """Make the engine core build CompressedAttentionManager for our spec."""
+    # The registry fills in vLLM's built-in specs only while it is empty: do that first.
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        CompressedAttentionSpec, CompressedAttentionManager,
+        uniform_type_base_spec=CompressedAttentionSpec,
+    )

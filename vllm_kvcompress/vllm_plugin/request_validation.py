@@ -1,0 +1,47 @@
+"""Reject bad per-request compression settings in the API server (HTTP 400), not in the engine.
+
+vLLM validates every request's SamplingParams in its InputProcessor, in the process that
+receives the request, and turns a VLLMValidationError into a 400 reply (offline: a
+ValueError from LLM.generate). We add our check after vLLM's own.
+"""
+
+from __future__ import annotations
+
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.input_processor import InputProcessor
+
+from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.vllm_plugin.request_settings import (
+    request_overrides,
+    resolve_request_settings,
+    server_settings,
+)
+
+
+def validate_request(vllm_config, params: SamplingParams) -> None:
+    """Raise VLLMValidationError if the request's compression overrides are invalid."""
+    overrides = request_overrides(params.extra_args)
+    if not overrides:
+        return
+    try:
+        resolve_request_settings(server_settings(vllm_config), params.extra_args,
+                                 vllm_config.model_config.max_model_len)
+    except KVCompressConfigError as exc:
+        raise VLLMValidationError(f"invalid KV compression setting in vllm_xargs: {exc}",
+                                  parameter="vllm_xargs", value=overrides) from None
+
+
+def install() -> None:
+    original = InputProcessor._validate_params
+    if getattr(original, "_kvcompress", False):
+        return
+
+    def _validate_params(self, params, supported_tasks):
+        result = original(self, params, supported_tasks)
+        if isinstance(params, SamplingParams):
+            validate_request(self.vllm_config, params)
+        return result
+
+    _validate_params._kvcompress = True
+    InputProcessor._validate_params = _validate_params

@@ -1,0 +1,60 @@
+"""vLLM's scheduler with compressed-KV accounting (engine core process).
+
+Only two things change: the KV manager of our spec learns each request's compression
+schedule when the request arrives, and a few counters are kept for metrics and tests.
+Allocation itself stays vLLM's, through CompressedAttentionManager.
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_kvcompress.vllm_plugin.kv_cache_spec import CompressedAttentionManager, register_spec
+from vllm_kvcompress.vllm_plugin.request_settings import (
+    resolve_request_settings,
+    schedule_for,
+    server_settings,
+)
+
+logger = init_logger(__name__)
+
+
+class KVCompressScheduler(Scheduler):
+    def __init__(self, vllm_config, kv_cache_config, *args, **kwargs) -> None:
+        register_spec()  # before super() builds the KV cache manager
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+        self.settings = server_settings(vllm_config)
+        self.compressed_manager = self._find_compressed_manager()
+        self.block_size = self.compressed_manager.block_size
+        self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.max_running = 0  # most requests ever running at once (tests, benchmarks)
+
+    def _find_compressed_manager(self) -> CompressedAttentionManager:
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        ours = [m for m in managers if isinstance(m, CompressedAttentionManager)]
+        if len(managers) != 1 or len(ours) != 1:
+            raise NotImplementedError(
+                "KV compression needs every attention layer in one full-attention KV "
+                f"cache group; this model has {len(managers)} group(s) "
+                f"({', '.join(type(m).__name__ for m in managers)})"
+            )
+        return ours[0]
+
+    def add_request(self, request) -> None:
+        if request.request_id not in self.requests and request.sampling_params is not None:
+            settings = resolve_request_settings(
+                self.settings, request.sampling_params.extra_args, self.max_model_len)
+            self.compressed_manager.schedules[request.request_id] = schedule_for(
+                settings, self.block_size, self.num_layers)
+        super().add_request(request)
+
+    def _free_request(self, request, *args, **kwargs):
+        self.compressed_manager.schedules.pop(request.request_id, None)
+        return super()._free_request(request, *args, **kwargs)
+
+    def schedule(self):
+        output = super().schedule()
+        self.max_running = max(self.max_running, len(self.running))
+        return output
