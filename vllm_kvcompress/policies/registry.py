@@ -7,7 +7,7 @@ silently falling back to another policy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vllm_kvcompress.policies.base import Policy
@@ -58,6 +58,16 @@ def get_policy_class(name: str) -> type[Policy]:
     if name not in _IMPLEMENTED:
         raise NotImplementedError(f"policy {name!r} is not implemented yet")
     return _IMPLEMENTED[name]
+
+
+def make_policy(name: str, window: int | None = None, sinks: int | None = None,
+                **options: Any) -> Policy:
+    """The policy `name` with protected `window`/`sinks` (None = its published defaults)
+    and `options` (the user's kv_policy_args). ValueError names a bad or unknown option
+    and the allowed ones."""
+    if name == "none":
+        raise ValueError("kv_policy 'none' means no compression: there is no policy object for it")
+    return get_policy_class(name)(window=window, sinks=sinks, **options)
 
 
 def _load_all() -> None:

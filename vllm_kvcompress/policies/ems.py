@@ -1,0 +1,59 @@
+"""EMS: Global-Local scores, head-wise evict-then-merge with a zero class.
+
+Li et al., "EMS: Adaptive Evict-then-Merge Strategy for Head-wise KV Cache Compression
+Based on Global-Local Importance" (2024). Only the abstract was available: the score,
+the merge rule and the defaults below are OUR working definition (docs/policies.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, choice, number,
+                                           slot_indices, top_k_with_protection)
+from vllm_kvcompress.policies.registry import register_policy
+from vllm_kvcompress.policies.scoring import global_local_score, most_similar_kept, window_attention
+
+
+@register_policy("ems")
+class EMS(Policy):
+    """Score s_GL = max(s_glo * mean(s_loc) / mean(s_glo), s_loc) per head (s_glo:
+    accumulated attention, s_loc: attention of the last W queries). Per head, the top
+    slots within the head's budget (sinks and window first) are kept as class centres; an
+    evicted slot whose key has cosine >= merge_threshold with its most similar centre
+    merges into it (weights = s_GL, centre included), the others fall in the zero class
+    (evicted: a merge of weight 0). Budgets are head-wise adaptive (Ada-KV allocator), so
+    sparse heads mostly evict while redundant heads merge.
+
+    Signals: acc_scores and window queries. Defaults (ours): W=32, 4 sinks,
+    merge_threshold 0.9, allocator adakv (alpha 0.2), gqa_reduce mean. Acts at every
+    compression (every `interval` tokens).
+    """
+
+    needs_window_queries = True
+    needs_accumulated = True
+    default_window = 32
+    default_sinks = 4
+    allocators = ("adakv", "uniform", "pyramid", "pyramid_adakv")
+    options_spec = {
+        "merge_threshold": number(0.9, -1.0, 1.0),
+        "gqa_reduce": choice("mean", "mean", "max"),
+    }
+
+    def score(self, batch: StreamBatch) -> torch.Tensor:
+        queries, query_positions = batch.require_window_queries(self.name)
+        local = window_attention(queries, batch.keys, batch.lengths, batch.positions,
+                                 query_positions, batch.scale, self.options["gqa_reduce"])
+        return global_local_score(batch.acc_scores, local, batch.lengths)
+
+    def select(self, batch, budgets, *, scores=None, window=None, sinks=None) -> Selection:
+        scores = self.score(batch) if scores is None else scores
+        window, sinks = self._resolve_protection(budgets, window, sinks)
+        keep = top_k_with_protection(scores, batch, budgets, window, sinks)
+        live = batch.live_mask()
+        centre, cosine = most_similar_kept(batch.keys, keep)
+        merge = live & ~keep & (cosine >= self.options["merge_threshold"])
+        slots = slot_indices(batch).expand_as(keep)
+        merge_into = torch.where(keep, slots, torch.where(merge, centre, -1))
+        weights = torch.where(live, scores.float().clamp(min=0), 0.0)
+        return Selection(keep=keep, merge_into=merge_into, weights=weights)

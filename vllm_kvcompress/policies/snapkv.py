@@ -1,0 +1,48 @@
+"""SnapKV: observation-window attention, pooled, decides what the prompt keeps.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (2024).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcompress.policies.base import Policy, StreamBatch, choice, integer
+from vllm_kvcompress.policies.registry import register_policy
+from vllm_kvcompress.policies.scoring import pool_scores, window_attention
+
+
+@register_policy("snapkv")
+class SnapKV(Policy):
+    """Score = attention of the last W queries onto each key (softmax over all the
+    stream's keys, causal by position), GQA aggregated over the group (mean or max),
+    smoothed by 1-D pooling over the slots before the window; keep the top (C - W) plus
+    the whole window.
+
+    Signals: window queries. Defaults: W=32, max pooling with kernel 7 (the paper's
+    LongBench runs; the authors' library defaults are avg pooling, kernel 5: set
+    `pool: avg, pool_kernel: 5`). The paper compresses once, at the end of prefill and only
+    if L >= C; here the same rule also runs at each later compression (every `interval`
+    tokens), with the latest W queries, so long generations stay within budget.
+    Options: allocator (uniform; pyramid = PyramidKV, adakv = Ada-KV), gqa_reduce.
+    """
+
+    needs_window_queries = True
+    default_window = 32
+    default_sinks = 0
+    allocators = ("uniform", "pyramid", "adakv", "pyramid_adakv")
+    options_spec = {
+        "pool": choice("max", "max", "avg", "none"),
+        "pool_kernel": integer(7, 1, odd=True),
+        "gqa_reduce": choice("mean", "mean", "max"),
+    }
+
+    def score(self, batch: StreamBatch) -> torch.Tensor:
+        queries, query_positions = batch.require_window_queries(self.name)
+        scores = window_attention(queries, batch.keys, batch.lengths, batch.positions,
+                                  query_positions, batch.scale, self.options["gqa_reduce"])
+        if self.options["pool"] == "none":
+            return scores
+        # SnapKV pools only the scores before the window (the window is kept anyway).
+        before_window = (batch.lengths - self.window).clamp(min=0)
+        return pool_scores(scores, before_window, self.options["pool_kernel"], self.options["pool"])

@@ -1,0 +1,71 @@
+"""ThinK: prune the least useful key channels, on top of a token policy.
+
+Xu et al., "ThinK: Thinner Key Cache by Query-Driven Pruning" (2024).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_kvcompress.policies.base import (TOKEN_POLICIES, ComposedPolicy, Selection, StreamBatch,
+                                           choice, integer, number, slot_indices)
+from vllm_kvcompress.policies.registry import register_policy
+
+
+@register_policy("think")
+class ThinK(ComposedPolicy):
+    """After the base policy's token selection, per stream and key channel c:
+    score_c = mean over the last `recent` window queries (and the G heads) of q_c^2, times
+    mean over the kept keys of k_c^2; the floor(pruning_ratio * D) lowest channels are
+    pruned (zeroed, Selection.key_channel_mask) in every kept key except the last `recent`
+    slots, which keep their full key. Values are untouched. Streams the base leaves
+    uncompressed are not pruned either.
+
+    Memory: the paged cache stores full-width keys, so pruned channels are zeros (exact
+    attention, no memory saved) until a narrow key layout exists. At each compression the
+    mask is recomputed from the current queries; a slot pruned earlier keeps its zeros.
+
+    Signals: window queries (>= recent) plus the base's. Defaults: base snapkv,
+    pruning_ratio 0.4, recent 32 (paper; the authors' function defaults are 0.3 and 128).
+    """
+
+    options_spec = {
+        "base": choice("snapkv", *TOKEN_POLICIES),
+        "pruning_ratio": number(0.4, 0.0, 1.0, high_open=True),
+        "recent": integer(32, 1),
+    }
+
+    def __init__(self, window=None, sinks=None, **options):
+        super().__init__(window, sinks, **options)
+        self.needs_window_queries = True
+
+    @property
+    def query_window(self) -> int:
+        return max(self.base.query_window, self.options["recent"])
+
+    def select(self, batch, budgets, *, scores=None, window=None, sinks=None) -> Selection:
+        selection = self.base.select(batch, budgets, scores=scores, window=window, sinks=sinks)
+        return self._prune(batch, selection)
+
+    def _prune(self, batch: StreamBatch, selection: Selection) -> Selection:
+        queries, query_positions = batch.require_window_queries(self.name)
+        recent = self.options["recent"]
+        queries, query_positions = queries[:, :, -recent:], query_positions[:, -recent:]
+        present = (query_positions >= 0)[:, None, :, None]                          # [N, 1, W, 1]
+        query_energy = torch.where(present, queries.float() ** 2, 0.0).sum(dim=(1, 2)) \
+            / (present.sum(dim=(1, 2)) * queries.shape[1]).clamp(min=1)             # [N, D]
+        keep = selection.keep
+        key_energy = torch.where(keep[..., None], batch.keys.float() ** 2, 0.0).sum(dim=1) \
+            / keep.sum(dim=1, keepdim=True).clamp(min=1)
+        pruned = math.floor(self.options["pruning_ratio"] * batch.keys.shape[-1])
+        order = (query_energy * key_energy).argsort(dim=1, stable=True)
+        channel_mask = torch.ones_like(key_energy, dtype=torch.bool).scatter(
+            1, order[:, :pruned], False)
+        compressed = (selection.kept_counts() < batch.lengths)[:, None]
+        channel_mask = channel_mask | ~compressed
+        old = slot_indices(batch) < (batch.lengths - recent)[:, None]
+        selection.key_channel_mask = channel_mask
+        selection.key_pruned_slots = keep & old & compressed
+        return selection
