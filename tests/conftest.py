@@ -7,7 +7,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
+# Without CUDA the Triton kernels are checked in Triton's interpreter. Triton picks
+# interpreted or compiled when `triton` is first imported (vLLM imports it), so the switch
+# must be set before anything else; vLLM's CPU path does not use Triton either way.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # vLLM on these CPU machines: a fixed KV cache size (the default NUMA-based check fails
 # on small nodes); engine and worker in this process for in-process tests.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

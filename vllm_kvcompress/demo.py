@@ -1,20 +1,33 @@
-"""The README's main job: serve the bundled model with the plugin and ask it two things."""
+"""The README's main job: serve the bundled model with compression and ask it things."""
 
 from __future__ import annotations
 
+import json
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
 from vllm_kvcompress.serve_process import CPU_DEFAULT_ARGS, VllmServer
 
+DEFAULT_POLICY_ARGS = ["--kv-policy", "ems", "--budget", "256"]
+
+# A long request, so that compression has something to do: a story with one fact in it.
+STORY = ("The caravan crossed the salt flats at dawn, and the drivers sang to keep the camels "
+         "moving. Every evening they counted water skins and mended harness by lamplight. ")
+FACT = "The caravan's lead camel was called Saffron. "
+QUESTION = "\n\nQuestion: What was the lead camel called?\nAnswer: The lead camel was called"
+
 
 def run_demo(model: str = DEFAULT_MODEL, serve_args: list[str] | None = None) -> None:
-    """Start `vllm serve`, send one completion and one chat request, print, shut down."""
+    """Start `vllm serve`, send a completion, a chat and a long request, print, shut down."""
     folder = model_path(model)
+    policy_args = list(serve_args or [])
+    if not any(arg.startswith("--kv-policy") for arg in policy_args):
+        policy_args = [*DEFAULT_POLICY_ARGS, *policy_args]
     args = [*CPU_DEFAULT_ARGS, "--max-model-len", "4096", "--served-model-name", model,
-            *(serve_args or [])]
+            *policy_args]
     log_path = Path(tempfile.gettempdir()) / "vllm-kvcompress-demo.log"
     print(f"$ vllm serve {folder} {' '.join(args)}   (log: {log_path})")
     started = time.monotonic()
@@ -31,4 +44,64 @@ def run_demo(model: str = DEFAULT_MODEL, serve_args: list[str] | None = None) ->
         })
         print(f"chat: 'What is the capital of France?' -> "
               f"{chat['choices'][0]['message']['content']!r}")
+        _long_request(server, model, folder)
     print("server stopped")
+
+
+def _long_request(server: VllmServer, model: str, folder: Path) -> None:
+    prompt = STORY * 6 + FACT + STORY * 24 + QUESTION
+    peak = _MetricsPeak(server)
+    with peak:
+        reply = server.post("/v1/completions", {"model": model, "prompt": prompt,
+                                                "max_tokens": 64, "temperature": 0})
+    tokens = reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"]
+    answer = reply["choices"][0]["text"].split("\n")[0]
+    print(f"long request ({reply['usage']['prompt_tokens']} prompt tokens): "
+          f"'...What was the lead camel called?' -> {answer!r}")
+    if peak.seen is None:
+        print("KV memory: no compression on this server (--kv-policy none)")
+        return
+    per_token = _kv_bytes_per_token(folder)
+    print(f"KV memory: {peak.kept:.0f} tokens kept per KV head and layer of {peak.seen} seen "
+          f"-> {peak.kept * per_token / 2**20:.1f} MiB instead of "
+          f"{tokens * per_token / 2**20:.1f} MiB with stock vLLM "
+          f"({peak.seen / max(peak.kept, 1):.1f}x less)")
+
+
+class _MetricsPeak:
+    """Polls /metrics while a request runs; keeps the most tokens seen and the kept count."""
+
+    def __init__(self, server: VllmServer):
+        self.server, self.seen, self.kept = server, None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        self._sample()  # the gauges keep the last step's values
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.25):
+            self._sample()
+
+    def _sample(self) -> None:
+        values = {}
+        for line in self.server.get_text("/metrics").splitlines():
+            for name in ("vllm:kv_compress_tokens_seen", "vllm:kv_compress_tokens_kept"):
+                if line.startswith(name + " ") or line.startswith(name + "{"):
+                    values[name] = values.get(name, 0.0) + float(line.split()[-1])
+        seen = values.get("vllm:kv_compress_tokens_seen")
+        if seen and (self.seen is None or seen >= self.seen):
+            self.seen, self.kept = int(seen), values.get("vllm:kv_compress_tokens_kept", seen)
+
+
+def _kv_bytes_per_token(folder: Path) -> int:
+    """K and V of one token in every layer and KV head, bf16."""
+    config = json.loads((folder / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2

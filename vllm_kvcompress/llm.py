@@ -25,6 +25,6 @@ class LLM(vllm.LLM):
                     "kv_sinks": kv_sinks, "kv_interval": kv_interval,
                     "kv_prefill_mode": kv_prefill_mode}
         settings = resolve_settings(kv_config, explicit)
-        additional = {**kwargs.pop("additional_config", None) or {},
-                      **settings.to_additional_config()}
+        additional = dict(kwargs.pop("additional_config", None) or {})
+        additional.update(settings.to_additional_config())
         super().__init__(model, additional_config=additional, **kwargs)

@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, resolve_settings
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
@@ -96,6 +97,10 @@ def install() -> None:
         if settings.enabled or any(k in additional for k in KVCompressConfig.model_fields):
             additional.update(settings.to_additional_config())
             engine_args.additional_config = additional
+        if settings.enabled:
+            # Compression counters live in the engine and worker processes: collect every
+            # process's metrics on /metrics (vLLM's mode for several API servers).
+            setup_multiprocess_prometheus()
         # Errors found later, once the model config exists, also end in one line.
         engine_args._kvcompress_from_cli = True
         return engine_args
@@ -103,10 +108,11 @@ def install() -> None:
     def create_engine_config(self, *args, **kwargs):
         try:
             settings = KVCompressConfig.from_additional_config(self.additional_config)
+            prefix_caching_requested = self.enable_prefix_caching  # None unless the user set it
             vllm_config = original_create(self, *args, **kwargs)
             if settings.enabled:
                 settings.check_max_model_len(vllm_config.model_config.max_model_len)
-                enable_compression(vllm_config, settings, self.enable_prefix_caching)
+                enable_compression(vllm_config, settings, prefix_caching_requested)
         except KVCompressConfigError as exc:
             if getattr(self, "_kvcompress_from_cli", False):
                 sys.exit(f"vllm-kvcompress: error: {exc}")

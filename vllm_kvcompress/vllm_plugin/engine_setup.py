@@ -15,7 +15,9 @@ from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 logger = init_logger(__name__)
 
 # Policies the vLLM integration can run; the others exist as pure tensor code only.
-SERVABLE_POLICIES: frozenset[str] = frozenset()
+SERVABLE_POLICIES: frozenset[str] = frozenset({
+    "streaming", "h2o", "snapkv", "pyramidkv", "adakv", "ems",
+})
 
 # Tokens per head-block and per page: small enough that a 256-token budget wastes at most
 # one partly filled block in eight, a multiple of 32 as vLLM's CPU kernels expect.

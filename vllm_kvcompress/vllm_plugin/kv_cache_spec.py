@@ -24,6 +24,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_kvcompress.cache.schedule import CompressionSchedule
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,8 +59,11 @@ class CompressedAttentionManager(FullAttentionManager):
         if schedule is None or request_id not in self.req_to_blocks:
             return
         keep = schedule.pages_to_keep(processed_computed_tokens, num_prompt_tokens or 0)
-        self.pages_released += release_trailing_pages(
+        released = release_trailing_pages(
             self.req_to_blocks[request_id], keep, self._null_block, self.block_pool)
+        if released:
+            self.pages_released += released
+            pages_freed_counter().inc(released)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
                                    total_computed_tokens, num_local_computed_tokens,
@@ -125,4 +130,19 @@ def register_spec() -> None:
     KVCacheSpecRegistry.register(
         CompressedAttentionSpec, CompressedAttentionManager,
         uniform_type_base_spec=CompressedAttentionSpec,
+    )
+
+
+def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int) -> CompressionSchedule | None:
+    """The compression schedule of a request with `settings` (None: not compressed)."""
+    if not settings.enabled:
+        return None
+    from vllm_kvcompress.policies import make_policy
+
+    policy = make_policy(settings.kv_policy, window=settings.kv_window, sinks=settings.kv_sinks,
+                         **settings.kv_policy_args)
+    return CompressionSchedule(
+        budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
+        prefill_mode=settings.kv_prefill_mode,
+        layer_budget=policy.max_layer_budget(settings.budget, num_layers),
     )

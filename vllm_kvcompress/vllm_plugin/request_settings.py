@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.vllm_plugin.engine_setup import check_servable
 
@@ -42,17 +41,3 @@ def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any
     settings.check_max_model_len(max_model_len)
     return settings
 
-
-def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int) -> CompressionSchedule | None:
-    """The compression schedule of a request with `settings` (None: not compressed)."""
-    if not settings.enabled:
-        return None
-    from vllm_kvcompress.policies import make_policy
-
-    policy = make_policy(settings.kv_policy, window=settings.kv_window, sinks=settings.kv_sinks,
-                         **settings.kv_policy_args)
-    return CompressionSchedule(
-        budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
-        prefill_mode=settings.kv_prefill_mode,
-        layer_budget=policy.max_layer_budget(settings.budget, num_layers),
-    )

@@ -10,10 +10,13 @@ from __future__ import annotations
 from vllm.logger import init_logger
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvcompress.vllm_plugin.kv_cache_spec import CompressedAttentionManager, register_spec
+from vllm_kvcompress.vllm_plugin.kv_cache_spec import (
+    CompressedAttentionManager,
+    register_spec,
+    schedule_for,
+)
 from vllm_kvcompress.vllm_plugin.request_settings import (
     resolve_request_settings,
-    schedule_for,
     server_settings,
 )
 
@@ -29,7 +32,9 @@ class KVCompressScheduler(Scheduler):
         self.block_size = self.compressed_manager.block_size
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.max_model_len = vllm_config.model_config.max_model_len
-        self.max_running = 0  # most requests ever running at once (tests, benchmarks)
+        # Counters for tests and benchmarks.
+        self.max_running = 0
+        self.num_preemptions = 0
 
     def _find_compressed_manager(self) -> CompressedAttentionManager:
         managers = self.kv_cache_manager.coordinator.single_type_managers
@@ -54,7 +59,11 @@ class KVCompressScheduler(Scheduler):
         self.compressed_manager.schedules.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
-    def schedule(self):
-        output = super().schedule()
+    def _preempt_request(self, request, *args, **kwargs) -> None:
+        self.num_preemptions += 1
+        super()._preempt_request(request, *args, **kwargs)
+
+    def schedule(self, *args, **kwargs):
+        output = super().schedule(*args, **kwargs)
         self.max_running = max(self.max_running, len(self.running))
         return output

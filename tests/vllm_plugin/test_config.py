@@ -18,6 +18,13 @@ from vllm_kvcompress.vllm_plugin import register
 register()
 
 
+@pytest.fixture(autouse=True)
+def _own_prometheus_dir(monkeypatch, tmp_path):
+    # With compression on, from_cli_args switches prometheus to multiprocess mode through
+    # this variable; keep that from leaking into the other tests of this process.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+
 def serve_args(*argv: str):
     parser = make_arg_parser(FlexibleArgumentParser())
     return parser.parse_args(list(argv))

@@ -1,0 +1,33 @@
+"""`vllm-kvcompress eval tasks|perplexity` write their files and print their tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_kvcompress.cli import main
+from vllm_kvcompress.eval.long_text import DEFAULT_TEXT
+
+
+def test_eval_tasks_writes_results_plot_and_table(tmp_path, capsys):
+    assert main(["eval", "tasks", "--tasks", "passkey", "--lengths", "192", "--samples", "1",
+                 "--policies", "none,streaming", "--budgets", "16", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [row["setting"] for row in document["summary"]] == ["dense", "streaming@16"]
+    assert (tmp_path / "accuracy.png").exists()
+    assert "| streaming@16 |" in capsys.readouterr().out
+
+
+def test_eval_rejects_unknown_tasks(tmp_path):
+    with pytest.raises(SystemExit, match="unknown task"):
+        main(["eval", "tasks", "--tasks", "passkey,nope", "--out", str(tmp_path)])
+
+
+@pytest.mark.skipif(not DEFAULT_TEXT.is_file(), reason="no GPL-3 text on this machine")
+def test_eval_perplexity_writes_results(tmp_path, capsys):
+    assert main(["eval", "perplexity", "--prefix", "64", "--scored", "4", "--policies",
+                 "none,h2o", "--budgets", "32", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "perplexity.json").read_text())["results"]
+    assert [r["setting"] for r in results] == ["dense", "h2o@32"]
+    assert "| h2o@32 |" in capsys.readouterr().out

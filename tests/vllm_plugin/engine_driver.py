@@ -1,0 +1,68 @@
+"""Drive an in-process vLLM engine step by step and read its own counters."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from vllm import SamplingParams
+
+
+def engine_core(llm):
+    """The EngineCore of an in-process LLM (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    return llm.llm_engine.engine_core.engine_core
+
+
+def scheduler(llm):
+    return engine_core(llm).scheduler
+
+
+def block_pool(llm):
+    return scheduler(llm).kv_cache_manager.block_pool
+
+
+@dataclass
+class RunStats:
+    outputs: dict[str, list[int]] = field(default_factory=dict)
+    # Most requests past their prompt (decoding) in one step: the concurrency KV allows.
+    max_decoding: int = 0
+    preemptions: int = 0
+    aborted: list[str] = field(default_factory=list)
+
+
+def prompt_of_length(tokenizer, num_tokens: int, seed: int) -> list[int]:
+    """A deterministic natural-looking prompt of exactly `num_tokens` token ids."""
+    rng = random.Random(seed)
+    words = ("the river city night green stone music window paper light summer train "
+             "market garden letter silver quiet morning forest ocean").split()
+    text = " ".join(rng.choice(words) for _ in range(num_tokens * 2))
+    return tokenizer(text).input_ids[:num_tokens]
+
+
+def run(llm, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
+        abort_after_steps: dict[int, int] | None = None) -> RunStats:
+    """Add every prompt (token ids), step the engine to completion, count as it goes.
+
+    abort_after_steps: {prompt index: step} aborts that request at that step.
+    """
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    engine = llm.llm_engine
+    ids = [engine.add_request(f"r{i}", {"prompt_token_ids": p}, sp)
+           for i, (p, sp) in enumerate(zip(prompts, params))]
+    aborts = {step: ids[i] for i, step in (abort_after_steps or {}).items()}
+    stats = RunStats()
+    sched = scheduler(llm)
+    step = 0
+    while engine.has_unfinished_requests():
+        if step in aborts:
+            engine.abort_request([aborts[step]])
+            stats.aborted.append(aborts[step])
+        for output in engine.step():
+            if output.finished:
+                stats.outputs[output.request_id] = list(output.outputs[0].token_ids)
+        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
+        stats.max_decoding = max(stats.max_decoding, decoding)
+        step += 1
+    stats.preemptions = getattr(sched, "num_preemptions", 0)
+    return stats

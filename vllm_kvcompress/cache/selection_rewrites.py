@@ -1,0 +1,77 @@
+"""The rewrites a Selection asks of its survivors beyond class merges, applied to the
+gathered survivor buffer before it is scattered back: value-only merges (CaM), low
+precision (MiKV), key-channel pruning (ThinK). Steps 2-4 of policies.apply's
+`apply_selection`, with the same arithmetic (float32, cast back to the pool's dtype).
+These policies are rare and the buffer is small, so plain torch ops (any device) suffice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from vllm_kvcompress.cache.pools import LayerPools
+from vllm_kvcompress.kernels import GatheredSlots
+from vllm_kvcompress.policies.apply import fake_quantize
+from vllm_kvcompress.policies.base import Selection
+
+if TYPE_CHECKING:
+    from vllm_kvcompress.cache.compaction import CompactionPlan
+
+
+def rewrite_survivors(survivors: GatheredSlots, pools: LayerPools, selection: Selection,
+                      plan: CompactionPlan) -> GatheredSlots:
+    """The survivors [M, D] after value merges, low precision and channel pruning, in
+    apply_selection's order; unchanged when the Selection asks for none."""
+    keys, values = survivors.keys, survivors.values
+    stream = plan.kept_flat // plan.keep.shape[1]                    # [M] stream of each row
+    if selection.value_merge_into is not None:
+        values = _value_merges(values, pools, selection, plan)
+    if selection.low_precision is not None:
+        keys, values = _low_precision(keys, values, selection, plan, stream)
+    if selection.key_channel_mask is not None:
+        pruned = (torch.ones_like(plan.kept_flat, dtype=torch.bool)
+                  if selection.key_pruned_slots is None
+                  else selection.key_pruned_slots.flatten()[plan.kept_flat])
+        keys = keys.masked_fill(pruned[:, None] & ~selection.key_channel_mask[stream], 0)
+    return replace(survivors, keys=keys, values=values)
+
+
+def _value_merges(values: torch.Tensor, pools: LayerPools, selection: Selection,
+                  plan: CompactionPlan) -> torch.Tensor:
+    """v_j += sum w * v_i over entries (i, m) targeting kept slot j; v_i read from the pool
+    (before any merge), entries naming a slot that is not kept ignored."""
+    targets = selection.value_merge_into                                         # [N, T, F]
+    num_streams, max_len, fan = targets.shape
+    flat = targets.reshape(num_streams, max_len * fan)
+    valid = ((plan.live[..., None] & (targets >= 0) & (targets < max_len))
+             .reshape(num_streams, -1) & plan.keep.gather(1, flat.clamp(0, max_len - 1)))
+    entries = valid.flatten().nonzero().squeeze(1)                               # host sync
+    source = plan.src_all.flatten()[entries // fan]
+    row = plan.survivor_of.gather(1, flat.clamp(0, max_len - 1)).flatten()[entries]
+    weights = selection.value_merge_weights.reshape(-1)[entries].float()
+    block_size = pools.kv.shape[2]
+    source_values = pools.kv[source // block_size, 1, source % block_size].float()
+    added = torch.zeros(values.shape, device=values.device).index_add_(
+        0, row, weights[:, None] * source_values)
+    received = torch.zeros(len(values), dtype=torch.bool, device=values.device)
+    received[row] = True
+    return torch.where(received[:, None], (values.float() + added).to(values.dtype), values)
+
+
+def _low_precision(keys: torch.Tensor, values: torch.Tensor, selection: Selection,
+                   plan: CompactionPlan, stream: torch.Tensor):
+    """Kept low-precision rows: key <- fake_quantize(key * b) / b, value <- fake_quantize."""
+    bits = selection.quant_bits
+    if not 2 <= bits <= 8:
+        raise ValueError(f"quant_bits={bits}: must be in 2..8 with low_precision")
+    low = selection.low_precision.flatten()[plan.kept_flat][:, None]
+    if selection.key_channel_scale is None:
+        quant_keys = fake_quantize(keys, bits)
+    else:
+        scale = selection.key_channel_scale[stream].float()
+        quant_keys = fake_quantize(keys.float() * scale, bits) / scale
+    return (torch.where(low, quant_keys.to(keys.dtype), keys),
+            torch.where(low, fake_quantize(values, bits).to(values.dtype), values))

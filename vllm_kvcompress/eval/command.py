@@ -1,0 +1,182 @@
+"""`vllm-kvcompress eval tasks|perplexity`: arguments and what they run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser("eval", help="measure quality: synthetic tasks or perplexity")
+    checks = evaluate.add_subparsers(dest="check", required=True)
+
+    tasks = checks.add_parser("tasks", help="accuracy on synthetic long-context tasks",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_arguments(tasks)
+    tasks.add_argument("--runner", choices=("reference", "endpoint", "offline"), default="reference",
+                       help="reference: transformers with policies applied outside vLLM; "
+                            "endpoint: an OpenAI-compatible server; offline: vllm.LLM")
+    tasks.add_argument("--tasks", default="passkey,needle_single",
+                       help="comma-separated task names, or 'all'")
+    tasks.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens")
+    tasks.add_argument("--samples", type=int, default=5, help="prompts per task and length (depths swept)")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--tokenizer", help="tokenizer measuring prompt lengths (None: the model's)")
+    tasks.add_argument("--url", help="endpoint runner: server base URL, e.g. http://127.0.0.1:8000")
+    tasks.add_argument("--served-model", help="endpoint runner: model name (None: the server's first)")
+    tasks.add_argument("--xargs", choices=("auto", "always", "never"), default="auto",
+                       help="endpoint runner: when to send the setting as vllm_xargs")
+    tasks.add_argument("--concurrency", type=int, default=4, help="endpoint runner: requests in flight")
+
+    perplexity = checks.add_parser("perplexity", help="teacher-forced perplexity and greedy "
+                                   "agreement on a long text (reference runner)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common_arguments(perplexity)
+    perplexity.add_argument("--text", type=Path, help="text file (None: the GPL-3 text in "
+                            "/usr/share/common-licenses)")
+    perplexity.add_argument("--prefix", type=int, default=2048, help="prompt tokens")
+    perplexity.add_argument("--scored", type=int, default=256, help="tokens scored after the prompt")
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"a bundled model ({', '.join(MODELS)}) or a Hugging Face folder")
+    parser.add_argument("--policies", default="none,all",
+                        help="comma-separated; 'none' = dense, 'all' = every implemented policy")
+    parser.add_argument("--budgets", default="64,128,256,512", help="comma-separated budgets")
+    parser.add_argument("--window", type=int, help="protected recent tokens (None: the policy's default)")
+    parser.add_argument("--sinks", type=int, help="protected first tokens (None: the policy's default)")
+    parser.add_argument("--interval", type=int, default=16, help="decode tokens between compressions")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute type of the reference and offline runners")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="reference runner's torch threads; decode and compression are many "
+                             "small ops, which more threads slow down on a busy machine")
+    parser.add_argument("--out", type=Path, default=Path("eval-results"),
+                        help="folder for the JSON results and the plot")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.check == "tasks":
+        return run_tasks(args)
+    return run_perplexity(args)
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.eval.harness import evaluate
+    from vllm_kvcompress.eval.plot import plot_accuracy
+    from vllm_kvcompress.eval.results import format_table, summarize, write_results
+    from vllm_kvcompress.eval.tasks import TASKS, make_samples
+
+    model = resolve_model(args.model)
+    task_names = list(TASKS) if args.tasks == "all" else _split(args.tasks)
+    unknown = [name for name in task_names if name not in TASKS]
+    if unknown:
+        raise SystemExit(f"vllm-kvcompress eval: unknown task(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(TASKS)}")
+    settings = _settings(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
+    samples = make_samples(task_names, [int(n) for n in _split(args.lengths)], args.samples,
+                           args.seed, lambda text: len(tokenizer(text).input_ids))
+    runner = _runner(args, model)
+    config = {"command": " ".join(sys.argv), "model": str(model), "runner": args.runner,
+              "tasks": task_names, "samples": args.samples, "seed": args.seed,
+              "settings": [setting.label for setting in settings], "dtype": args.dtype,
+              "threads": args.threads}
+    results_path, started = args.out / "results.json", time.monotonic()
+    records = []
+
+    def on_record(record) -> None:
+        records.append(record)
+        print(f"[{time.monotonic() - started:7.0f}s] {record.task} {record.target_length} "
+              f"#{record.index} {record.setting}: {record.score:.2f} {record.output!r}",
+              file=sys.stderr, flush=True)
+        write_results(results_path, config, records)  # partial results survive a crash
+
+    evaluate(runner, samples, settings, on_record)
+    config["seconds"] = round(time.monotonic() - started)
+    write_results(results_path, config, records)
+    summary = summarize(records)
+    plot_accuracy(summary, args.out / "accuracy.png", f"{Path(str(model)).name}, {args.runner} runner")
+    print(format_table(summary))
+    print(f"\nresults: {results_path}\nplot: {args.out / 'accuracy.png'}")
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    from vllm_kvcompress.eval.long_text import read_long_text
+    from vllm_kvcompress.eval.perplexity import format_perplexity_table, perplexity_check
+
+    runner = _reference_runner(args, resolve_model(args.model))
+    token_ids = runner.tokenizer(read_long_text(args.text)).input_ids
+    if len(token_ids) < args.prefix + args.scored:
+        raise SystemExit(f"vllm-kvcompress eval: the text has {len(token_ids)} tokens, fewer than "
+                         f"--prefix + --scored = {args.prefix + args.scored}")
+    started = time.monotonic()
+    results = perplexity_check(
+        runner, token_ids[:args.prefix + args.scored], args.prefix, _settings(args),
+        on_result=lambda r: print(f"[{time.monotonic() - started:7.0f}s] {r.setting}: perplexity "
+                                  f"{r.perplexity:.3f}, agreement {r.agreement:.3f}",
+                                  file=sys.stderr, flush=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "perplexity.json"
+    path.write_text(json.dumps({"command": " ".join(sys.argv),
+                                "results": [asdict(r) for r in results]}, indent=1))
+    print(format_perplexity_table(results))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def resolve_model(name_or_path: str) -> Path | str:
+    """A bundled model's folder (built on first use), else the argument unchanged."""
+    if name_or_path in MODELS:
+        from vllm_kvcompress.bundled_models import model_path
+
+        return model_path(name_or_path, log=lambda line: print(line, file=sys.stderr))
+    return name_or_path
+
+
+def _settings(args: argparse.Namespace):
+    from vllm_kvcompress.eval.settings import settings_grid
+    from vllm_kvcompress.policies.registry import implemented_policies
+
+    policies: list[str] = []
+    for name in _split(args.policies):
+        policies += [p for p in implemented_policies() if p != "none"] if name == "all" else [name]
+    return settings_grid(list(dict.fromkeys(policies)), [int(b) for b in _split(args.budgets)],
+                         args.window, args.sinks, args.interval)
+
+
+def _runner(args: argparse.Namespace, model: Path | str):
+    if args.runner == "endpoint":
+        if not args.url:
+            raise SystemExit("vllm-kvcompress eval: --runner endpoint needs --url")
+        from vllm_kvcompress.eval.endpoint_runner import EndpointRunner
+
+        return EndpointRunner(args.url, args.served_model, args.xargs, args.concurrency)
+    if args.runner == "offline":
+        from vllm_kvcompress.eval.offline_runner import OfflineRunner
+
+        return OfflineRunner(str(model), {"dtype": args.dtype})
+    return _reference_runner(args, model)
+
+
+def _reference_runner(args: argparse.Namespace, model: Path | str):
+    import torch
+
+    from vllm_kvcompress.eval.reference_runner import ReferenceRunner
+
+    torch.set_num_threads(args.threads)
+    return ReferenceRunner(model, dtype=getattr(torch, args.dtype))
+
+
+def _split(values: str) -> list[str]:
+    return [value.strip() for value in values.split(",") if value.strip()]

@@ -1,0 +1,158 @@
+"""Op: attention over per-head block tables, for decode steps and prefill chunks alike.
+
+Each request r of the batch owns H streams (one per KV head) whose slots live in head-blocks
+listed by its block-table row. This step's tokens of r were appended to every stream before
+the call, so its q_len queries are the last q_len slots of each stream: query i sits at
+stream index length - q_len + i and attends causally to the slots up to it (the stream's
+compressed past plus the chunk so far). Query head qh reads KV head qh // G (GQA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vllm_kvcompress.kernels.dispatch import use_triton
+
+
+def paged_attention(query: torch.Tensor, kv_pool: torch.Tensor, block_tables: torch.Tensor,
+                    lengths: torch.Tensor, request_slots: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float,
+                    scores_pool: torch.Tensor | None = None, max_query_len: int | None = None,
+                    impl: str | None = None) -> torch.Tensor:
+    """Attention output [tokens, Hq, D] in the query's dtype.
+
+    query:           [tokens, Hq, D], request-major (request r's queries are contiguous)
+    kv_pool:         [num_head_blocks, 2, block_size, D] one layer's pool, any strides
+    block_tables:    [S, H, max_blocks] int32 physical head-block ids, S = request slots
+    lengths:         [S, H] int32 live slots per stream, this step's tokens included
+    request_slots:   [R] int64 table row of each request in the batch
+    query_start_loc: [R + 1] int32 request r's queries are query[qsl[r]:qsl[r + 1]]
+    scores_pool:     [num_head_blocks, block_size] float32 or None; when given, every slot
+                     a query attends gets its probability added, summed over the queries
+                     and the G query heads of its group (accumulated attention)
+    max_query_len:   largest q_len, if the caller knows it (else read from device: a sync)
+    """
+    if use_triton(query, impl):
+        from vllm_kvcompress.kernels.paged_attention_triton import paged_attention_triton
+
+        return paged_attention_triton(query, kv_pool, block_tables, lengths, request_slots,
+                                      query_start_loc, scale, scores_pool, max_query_len)
+    return paged_attention_reference(query, kv_pool, block_tables, lengths, request_slots,
+                                     query_start_loc, scale, scores_pool)
+
+
+def paged_attention_reference(query, kv_pool, block_tables, lengths, request_slots,
+                              query_start_loc, scale, scores_pool=None) -> torch.Tensor:
+    """Torch version of `paged_attention` (CPU path and Triton's test oracle).
+
+    Decode requests (one query each) are padded into one batch; each prefill chunk is
+    attended on its own in query chunks, so memory stays bounded for long prompts.
+    Sizes are read off the tensors: meant for CPU, where that costs no device sync.
+    """
+    num_tokens = query.shape[0]
+    output = torch.zeros_like(query)
+    if num_tokens == 0:
+        return output
+    query_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    decode = (query_lens == 1).nonzero().flatten()
+    if len(decode):
+        rows = query_start_loc[:-1].long()[decode]
+        output[rows] = _decode_attention(query[rows], kv_pool, block_tables,
+                                         lengths[request_slots[decode]].long(),
+                                         request_slots[decode], scale, scores_pool)
+    for r in (query_lens > 1).nonzero().flatten().tolist():
+        start, end = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        slot = request_slots[r]
+        output[start:end] = _chunk_attention(query[start:end], kv_pool, block_tables[slot],
+                                             lengths[slot].long(), scale, scores_pool)
+    return output
+
+
+def _decode_attention(query, kv_pool, block_tables, stream_lens, request_slots, scale,
+                      scores_pool):
+    """One query per request: query [R, Hq, D], stream_lens [R, H] -> [R, Hq, D]."""
+    num_requests, num_q_heads, head_dim = query.shape
+    num_kv_heads = block_tables.shape[1]
+    slots, keys, values = _read_streams(kv_pool, block_tables[request_slots], stream_lens)
+    live = torch.arange(slots.shape[-1], device=query.device) < stream_lens[..., None]
+    # Unwritten slots may hold anything (NaN too): 0 * NaN would poison the sum.
+    values.masked_fill_(~live[..., None], 0.0)
+    queries = query.float().view(num_requests, num_kv_heads, -1, head_dim)
+    logits = torch.einsum("rhgd,rhtd->rhgt", queries, keys) * scale
+    probs = _masked_softmax(logits, live[:, :, None])
+    if scores_pool is not None:
+        _add_scores(scores_pool, slots, live, probs.sum(dim=2))
+    return torch.einsum("rhgt,rhtd->rhgd", probs, values).reshape(
+        num_requests, num_q_heads, head_dim).to(query.dtype)
+
+
+# Queries attended at once in a prefill chunk: bounds the [Hq, chunk, T] probabilities.
+QUERY_CHUNK = 256
+
+
+def _chunk_attention(query, kv_pool, table, stream_lens, scale, scores_pool):
+    """A prefill chunk of one request: query [Q, Hq, D] (its last Q slots in every stream),
+    table [H, max_blocks], stream_lens [H] -> [Q, Hq, D]."""
+    num_queries, num_q_heads, head_dim = query.shape
+    num_kv_heads = table.shape[0]
+    group = num_q_heads // num_kv_heads
+    slots, keys, values = _read_streams(kv_pool, table, stream_lens)   # [H, T], [H, T, D]
+    live = torch.arange(slots.shape[-1], device=query.device) < stream_lens[:, None]
+    # SDPA adds the mask to q.k, so a NaN in an unwritten key would survive the mask.
+    keys.masked_fill_(~live[..., None], 0.0)
+    values.masked_fill_(~live[..., None], 0.0)
+    if scores_pool is None and bool((stream_lens == num_queries).all()):
+        # A fresh prompt: plain causal attention, torch's fused kernel (which wants 4-D).
+        out = F.scaled_dot_product_attention(
+            query.float().transpose(0, 1)[None], keys[None], values[None], is_causal=True,
+            scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1).to(query.dtype)
+    keys_t = keys.repeat_interleave(group, dim=0).transpose(1, 2).contiguous()  # [Hq, D, T]
+    values = values.repeat_interleave(group, dim=0)                     # [Hq, T, D]
+    # Query i of head h sits at stream index len_h - Q + i and sees the slots up to it.
+    last_visible = (stream_lens - num_queries).repeat_interleave(group)   # [Hq]
+    positions = torch.arange(slots.shape[-1], device=query.device)
+    out = torch.empty(num_queries, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
+    mass = torch.zeros(num_kv_heads, slots.shape[-1], device=query.device)
+    for begin in range(0, num_queries, QUERY_CHUNK):
+        stop = min(begin + QUERY_CHUNK, num_queries)
+        queries = query[begin:stop].float().transpose(0, 1) * scale      # [Hq, C, D]
+        rows = torch.arange(begin, stop, device=query.device)
+        hidden = positions > (last_visible[:, None] + rows)[..., None]   # [Hq, C, T]
+        # Explicit softmax: faster on CPU than SDPA with a boolean mask, and it gives the
+        # probabilities for the scores.
+        probs = torch.softmax((queries @ keys_t).masked_fill_(hidden, -torch.inf), dim=-1)
+        out[begin:stop] = (probs @ values).transpose(0, 1).to(query.dtype)
+        if scores_pool is not None:
+            mass += probs.sum(dim=1).view(num_kv_heads, group, -1).sum(dim=1)
+    if scores_pool is not None:
+        _add_scores(scores_pool, slots, live, mass)
+    return out
+
+
+def _add_scores(scores_pool, slots, live, mass):
+    """Add attention mass [..., T] to the slots' accumulated scores."""
+    # Dead slots add 0 to slot 0 instead of being filtered out (no host sync).
+    scores_pool.view(-1).index_add_(0, torch.where(live, slots, 0).flatten(),
+                                    torch.where(live, mass, 0.0).flatten())
+
+
+def _read_streams(kv_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor):
+    """Whole head-blocks of the streams, keys and values in one copy: flat slot ids
+    [..., T] and keys, values [..., T, D] float32, T = blocks * block_size."""
+    block_size, head_dim = kv_pool.shape[2], kv_pool.shape[3]
+    num_blocks = -(-int(lengths.max()) // block_size) if lengths.numel() else 0
+    stream_blocks = (lengths + block_size - 1) // block_size
+    used = torch.arange(num_blocks, device=tables.device) < stream_blocks[..., None]
+    blocks = torch.where(used, tables[..., :num_blocks].long(), 0)             # [..., B]
+    slots = (blocks[..., None] * block_size + torch.arange(block_size, device=tables.device))
+    kv = kv_pool[blocks].float()                                               # [..., B, 2, bs, D]
+    kv = kv.movedim(-3, 0).reshape(2, *blocks.shape[:-1], num_blocks * block_size, head_dim)
+    return slots.flatten(-2), kv[0], kv[1]
+
+
+def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to `allowed` (every row allows at least one
+    slot: a query always sees itself)."""
+    return torch.softmax(logits.masked_fill_(~allowed, -torch.inf), dim=-1)

@@ -1,0 +1,256 @@
+"""Worker-side compression state: every request's streams over vLLM's KV tensors.
+
+One CompressionRuntime per worker process. Per step, `plan_step` (called by the attention
+metadata builder) brings each request's page list in line with the scheduler's, makes room
+for the step's tokens in every stream and decides which requests compress after this step;
+then each attention layer calls `forward`, which writes the layer's new K/V, attends over
+the per-head tables and compresses the layer's streams that are due.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from vllm.logger import init_logger
+
+from vllm_kvcompress.cache.paged_stream_cache import PagedStreamCache
+from vllm_kvcompress.cache.query_window import QueryWindow, WindowWrites
+from vllm_kvcompress.cache.schedule import CompressionSchedule
+from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.policies import Policy, StreamBatch, make_policy
+from vllm_kvcompress.vllm_plugin.kv_cache_spec import schedule_for
+from vllm_kvcompress.vllm_plugin.metrics import CompressionMetrics
+from vllm_kvcompress.vllm_plugin.request_settings import (
+    resolve_request_settings,
+    server_settings,
+)
+
+logger = init_logger(__name__)
+
+# Observation windows (queries kept per request and layer) never need more than this.
+MIN_QUERY_WINDOW = 32
+
+
+@dataclass
+class RequestStreams:
+    """One request's compression state in this worker."""
+
+    slot: int
+    settings: KVCompressConfig
+    schedule: CompressionSchedule | None
+    policy: Policy | None
+    prompt_len: int
+    # Entries of vLLM's block list for this request already handed to the cache.
+    block_entries_seen: int = 0
+    last_compressed_at: int = 0
+    num_tokens: int = 0
+
+
+@dataclass
+class CompressionGroup:
+    """Requests that compress after this step with the same policy and budget."""
+
+    policy: Policy
+    budget: int
+    slots: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StepPlan:
+    """The attention metadata of one step, shared by every layer.
+
+    slots [R] cache slots in batch order; query_start_loc [R + 1]; slot_ids [L, tokens, H]
+    where each layer writes its new K/V; positions [tokens] token positions.
+    """
+
+    num_tokens: int
+    slots: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    slot_ids: torch.Tensor
+    positions: torch.Tensor
+    emit_scores: bool
+    window_writes: WindowWrites | None
+    groups: list[tuple[Policy, int, torch.Tensor]]
+
+
+class CompressionRuntime:
+    def __init__(self, vllm_config, runner, kv_caches: list[torch.Tensor], num_kv_heads: int,
+                 head_size: int, block_size: int):
+        self.vllm_config = vllm_config
+        self.runner = runner
+        self.server = server_settings(vllm_config)
+        self._policies: dict[tuple, Policy] = {}
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.num_layers = len(kv_caches)
+        self.num_kv_heads, self.head_size, self.block_size = num_kv_heads, head_size, block_size
+        max_requests = vllm_config.scheduler_config.max_num_seqs
+        num_pages = kv_caches[0].shape[0]
+        pools = [kv.view(num_pages * num_kv_heads, 2, block_size, head_size) for kv in kv_caches]
+        # A request's block list may run one entry past ceil(len / block_size) (pages are
+        # released and re-appended around compressions).
+        max_pages = -(-self.max_model_len // block_size) + 2
+        self.cache = PagedStreamCache(
+            self.num_layers, num_kv_heads, head_size, num_pages, max_requests, max_pages,
+            block_size=block_size, dtype=kv_caches[0].dtype, device=kv_caches[0].device,
+            kv_pools=pools)
+        num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        self.query_window_size = max(MIN_QUERY_WINDOW, self._policy(self.server).query_window
+                                     if self.server.enabled else 0)
+        self.window = QueryWindow(self.num_layers, max_requests, self.query_window_size,
+                                  num_heads, head_size, kv_caches[0].dtype, kv_caches[0].device)
+        self.requests: dict[str, RequestStreams] = {}
+        self.free_slots = list(range(max_requests - 1, -1, -1))
+        self.metrics = CompressionMetrics()
+
+    # ----- request lifecycle -----
+
+    def forget(self, req_ids) -> None:
+        """Drop finished, aborted or preempted requests (vLLM frees their pages)."""
+        for req_id in req_ids:
+            streams = self.requests.pop(req_id, None)
+            if streams is None:
+                continue
+            self.cache.reset([streams.slot])
+            self.window.reset(torch.tensor([streams.slot], device=self.window.positions.device))
+            self.free_slots.append(streams.slot)
+
+    def _admit(self, req_id: str, req_state) -> RequestStreams:
+        extra_args = req_state.sampling_params.extra_args if req_state.sampling_params else None
+        settings = resolve_request_settings(self.server, extra_args, self.max_model_len)
+        schedule = schedule_for(settings, self.block_size, self.num_layers)
+        policy = self._policy(settings) if settings.enabled else None
+        if policy is not None and policy.query_window > self.query_window_size:
+            raise ValueError(f"request {req_id}: observation window {policy.query_window} "
+                             f"exceeds the server's {self.query_window_size}")
+        streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
+                                 prompt_len=req_state.num_prompt_tokens)
+        self.requests[req_id] = streams
+        return streams
+
+    def _policy(self, settings: KVCompressConfig) -> Policy:
+        key = (settings.kv_policy, settings.kv_window, settings.kv_sinks,
+               tuple(sorted(settings.kv_policy_args.items())))
+        if key not in self._policies:
+            self._policies[key] = make_policy(settings.kv_policy, window=settings.kv_window,
+                                              sinks=settings.kv_sinks, **settings.kv_policy_args)
+        return self._policies[key]
+
+    def _sync_pages(self, streams: RequestStreams, block_ids: list[int], num_computed: int) -> None:
+        """Mirror the scheduler's page bookkeeping for one request (kv_cache_spec.py):
+        release the pages past the schedule's bound, then take the newly appended ones."""
+        if streams.schedule is not None:
+            keep = streams.schedule.pages_to_keep(num_computed, streams.prompt_len)
+            self.cache.release_pages(streams.slot, keep)
+        new_pages = block_ids[streams.block_entries_seen:]
+        if new_pages:
+            self.cache.add_pages(streams.slot, new_pages)
+            streams.block_entries_seen = len(block_ids)
+
+    # ----- per step -----
+
+    def plan_step(self, num_reqs: int, query_start_loc_cpu: torch.Tensor) -> StepPlan:
+        """Page bookkeeping, token slots and compression decisions for this step."""
+        device = self.cache.device
+        req_ids = self.runner.input_batch.req_ids[:num_reqs]
+        query_lens = (query_start_loc_cpu[1:num_reqs + 1] - query_start_loc_cpu[:num_reqs]).tolist()
+        slots, starts = [], []
+        groups: dict[tuple, CompressionGroup] = {}
+        emit_scores = needs_window = False
+        for req_id, query_len in zip(req_ids, query_lens):
+            req_state = self.runner.requests[req_id]
+            num_computed = req_state.num_computed_tokens
+            streams = self.requests.get(req_id)
+            if streams is not None and num_computed == 0:
+                self.forget([req_id])  # restarted from scratch (preempted, then resumed)
+                streams = None
+            if streams is None:
+                streams = self._admit(req_id, req_state)
+            self._sync_pages(streams, req_state.block_ids[0], num_computed)
+            slots.append(streams.slot)
+            starts.append(num_computed)
+            streams.num_tokens = num_computed + query_len
+            if streams.policy is None:
+                continue
+            emit_scores |= streams.policy.needs_accumulated
+            needs_window |= streams.policy.needs_window_queries
+            if streams.schedule.should_compress(streams.num_tokens, streams.last_compressed_at,
+                                                streams.prompt_len):
+                streams.last_compressed_at = streams.num_tokens
+                budget = streams.settings.budget
+                group = groups.setdefault((id(streams.policy), budget),
+                                          CompressionGroup(streams.policy, budget))
+                group.slots.append(streams.slot)
+
+        lens = torch.tensor(query_lens, dtype=torch.int64)
+        token_starts = torch.repeat_interleave(torch.tensor(starts, dtype=torch.int64), lens)
+        offsets = torch.arange(int(lens.sum())) - torch.repeat_interleave(
+            query_start_loc_cpu[:num_reqs].long(), lens)
+        positions = (token_starts + offsets).to(device)
+        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
+        query_start_loc = query_start_loc_cpu[:num_reqs + 1].to(device)
+        slot_ids = self.cache.append(slot_tensor, lens)
+        window_writes = None
+        if needs_window:
+            window_writes = self.window.plan(slot_tensor, query_start_loc, positions)
+            self.window.record_positions(window_writes, positions)
+        return StepPlan(
+            num_tokens=int(lens.sum()), slots=slot_tensor, query_start_loc=query_start_loc,
+            max_query_len=max(query_lens, default=0), slot_ids=slot_ids, positions=positions,
+            emit_scores=emit_scores, window_writes=window_writes,
+            groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
+                    for g in groups.values()])
+
+    def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                plan: StepPlan, scale: float, output: torch.Tensor) -> None:
+        """One layer's step: store K/V, attend, compress the layer's due streams.
+
+        query [tokens, Hq, D], key/value [tokens, H, D]; writes output[:tokens]."""
+        n = plan.num_tokens
+        self.cache.write(layer, plan.slot_ids[layer], key[:n], value[:n], plan.positions)
+        if plan.window_writes is not None:
+            self.window.record(layer, plan.window_writes, query[:n])
+        output[:n] = self.cache.attention(
+            layer, query[:n], plan.query_start_loc, plan.slots, scale,
+            emit_scores=plan.emit_scores, max_query_len=plan.max_query_len)
+        if not plan.groups:
+            return
+        started = time.perf_counter()
+        for policy, budget, slots in plan.groups:
+            self._compress(layer, policy, budget, slots, scale)
+        # Count each compressed request once, on the last layer.
+        requests = sum(len(slots) for _, _, slots in plan.groups) if layer == self.num_layers - 1 else 0
+        self.metrics.add_compression(time.perf_counter() - started, requests)
+
+    def _compress(self, layer: int, policy: Policy, budget: int, slots: torch.Tensor,
+                  scale: float) -> None:
+        view = self.cache.gather(layer, slots)
+        window_queries = window_positions = None
+        if policy.needs_window_queries:
+            window_queries, window_positions = self.window.read(
+                layer, slots, self.num_kv_heads, policy.query_window)
+        batch = StreamBatch(
+            keys=view.keys, values=view.values, lengths=view.lengths,
+            positions=view.positions, acc_scores=view.scores,
+            num_kv_heads=self.num_kv_heads, layer=layer, num_layers=self.num_layers,
+            scale=scale, window_queries=window_queries, window_positions=window_positions)
+        self.cache.compact(layer, slots, policy.compress(batch, budget))
+
+    def report(self) -> None:
+        """Refresh the token gauges (twice a second at most; reading the lengths is a device
+        sync) and log one summary line every LOG_INTERVAL_S."""
+        if not self.requests or not self.metrics.gauges_due():
+            return
+        slots = torch.tensor([s.slot for s in self.requests.values()], device=self.cache.device)
+        seen = sum(s.num_tokens for s in self.requests.values())
+        kept = float(self.cache.tables.lengths[:, slots].float().mean(dim=(0, 2)).sum())
+        self.metrics.observe(seen, kept)
+        if not self.metrics.log_due():
+            return
+        compressing = sum(s.policy is not None for s in self.requests.values())
+        logger.info("vllm-kvcompress: %d running (%d compressed), %d tokens kept of %d seen "
+                    "(%.1fx), compression %.1f%% of step time so far",
+                    len(self.requests), compressing, round(kept), seen,
+                    seen / kept if kept else 1.0, 100 * self.metrics.compression_share())
