@@ -20,6 +20,7 @@ CASES = [
     ("adakv", {"allocator": "pyramid_adakv"}),
     ("ems", {}),
     ("ems", {"allocator": "uniform", "merge_threshold": 0.5}),
+    ("ems", {"global_weight": 1.0, "pool": "none"}),
     ("kvmerger", {}),
     ("kvmerger", {"sigma": 2.0, "allocator": "adakv"}),
     ("d2o", {}),

@@ -40,7 +40,8 @@ def test_signals_each_policy_asks_for():
     assert not make_policy("streaming").needs_accumulated
     assert make_policy("h2o").needs_accumulated and not make_policy("h2o").needs_window_queries
     assert make_policy("snapkv").query_window == 32
-    assert make_policy("ems").needs_accumulated and make_policy("ems").query_window == 32
+    assert not make_policy("ems").needs_accumulated and make_policy("ems").query_window == 32
+    assert make_policy("ems", global_weight=0.5).needs_accumulated
     think = make_policy("think", base="h2o", recent=48)
     assert think.needs_window_queries and think.needs_accumulated and think.query_window == 48
     assert make_policy("think", window=64).query_window == 64

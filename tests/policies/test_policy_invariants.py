@@ -32,6 +32,17 @@ def head_coupled(policy) -> bool:
     return isinstance(inner.allocator, AdaKVAllocator) or inner.name == "elastic"
 
 
+def merges(policy) -> bool:
+    selection = policy.compress(batch(), BUDGET)
+    return selection.merge_into is not None or selection.value_merge_into is not None
+
+
+def cases_where(predicate) -> list:
+    """The CASES whose policy satisfies `predicate`, with their ids."""
+    return [pytest.param(name, options, id=case_id) for (name, options), case_id
+            in zip(CASES, IDS) if predicate(build(name, options))]
+
+
 def budgets_of(policy, data, budget):
     window, sinks = policy.protection(budget)
     return policy.allocate(data, budget, policy.score(data), window, sinks)
@@ -123,11 +134,10 @@ def test_batched_equals_one_request_at_a_time(name, options):
                               selection_rows(alone, range(heads), width), alone_batch.live_mask())
 
 
-@pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
+# Head-coupled policies are covered one request at a time (above).
+@pytest.mark.parametrize(("name", "options"), cases_where(lambda p: not head_coupled(p)))
 def test_batched_equals_one_stream_at_a_time(name, options):
     policy = build(name, options)
-    if head_coupled(policy):
-        pytest.skip("head-wise policy: covered one request at a time")
     data = batch()
     together = policy.compress(data, BUDGET)
     for stream in range(data.num_streams):
@@ -148,14 +158,12 @@ def test_deterministic(name, options):
                           selection_rows(second, streams, data.max_len), data.live_mask())
 
 
-@pytest.mark.parametrize(("name", "options"), CASES, ids=IDS)
+@pytest.mark.parametrize(("name", "options"), cases_where(merges))
 def test_merging_policies_really_merge(name, options):
     """Merges are real: some centre's key or value differs from every original slot."""
     policy = build(name, options)
     data = batch()
     selection = policy.compress(data, BUDGET)
-    if selection.merge_into is None and selection.value_merge_into is None:
-        pytest.skip("no merges in this policy")
     out = apply_selection(data, selection)
     kept = selection.keep & data.live_mask()
     changed = (out.values[out.live_mask()] != data.values[kept]).any(dim=-1)

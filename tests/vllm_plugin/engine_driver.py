@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
+import gc
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from vllm import SamplingParams
+from vllm import LLM, SamplingParams
+
+# float32: the compressed path attends with its own kernels; in bf16 rounding differences
+# against vLLM's CPU kernels could flip near-tied greedy tokens.
+ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", max_model_len=4096, seed=0)
+
+
+@contextmanager
+def started_llm(model_dir, kv_tokens: int | None = None, **kwargs):
+    """An in-process engine, shut down on exit even when the test fails (a second engine
+    in the same process needs the first one's distributed state torn down).
+
+    kv_tokens sizes its KV cache (same bytes per token with or without compression)."""
+    if kv_tokens is not None:
+        compressed = kwargs.get("additional_config", {}).get("kv_policy", "none") != "none"
+        block_size = 32 if compressed else 128  # ours vs vLLM's CPU default
+        kwargs["num_gpu_blocks_override"] = kv_tokens // block_size
+    llm = LLM(str(model_dir), **{**ENGINE_ARGS, **kwargs})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
 
 
 def engine_core(llm):
@@ -56,10 +81,10 @@ def run(llm, prompts: list[list[int]], params: list[SamplingParams] | SamplingPa
     step = 0
     while engine.has_unfinished_requests():
         if step in aborts:
-            engine.abort_request([aborts[step]])
+            engine.abort_request([aborts[step]], internal=True)
             stats.aborted.append(aborts[step])
         for output in engine.step():
-            if output.finished:
+            if output.finished and output.outputs[0].finish_reason != "abort":
                 stats.outputs[output.request_id] = list(output.outputs[0].token_ids)
         decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
         stats.max_decoding = max(stats.max_decoding, decoding)

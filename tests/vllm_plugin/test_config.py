@@ -116,10 +116,13 @@ def test_presets_load_and_flags_override_them():
 
 
 def test_preset_through_the_serve_parser(model_dir):
-    # Every policy but "none" is refused at start-up until it runs inside vLLM; the
-    # preset's values must still have been read and merged first.
-    message = cli_error("--model", str(model_dir), "--kv-config", "ems-256", "--budget", "64")
-    assert "--kv-policy=ems" in message
+    engine_args = engine_args_from_cli("--model", str(model_dir), "--kv-config", "ems-256",
+                                       "--budget", "64")
+    assert engine_args.additional_config["kv_policy"] == "ems"
+    assert engine_args.additional_config["budget"] == 64          # the flag beats the preset
+    config = engine_args.create_engine_config()
+    assert config.additional_config["budget"] == 64
+    assert config.cache_config.enable_prefix_caching is False     # compression turned it off
 
 
 def test_not_yet_servable_policy_fails_at_start_up(model_dir):

@@ -9,42 +9,60 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, choice, number,
-                                           slot_indices, top_k_with_protection)
+from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, choice, integer,
+                                           number, slot_indices, top_k_with_protection)
 from vllm_kvcompress.policies.registry import register_policy
-from vllm_kvcompress.policies.scoring import global_local_score, most_similar_kept, window_attention
+from vllm_kvcompress.policies.scoring import (global_local_score, most_similar_kept,
+                                              pool_scores, window_attention)
 
 
 @register_policy("ems")
 class EMS(Policy):
-    """Score s_GL = max(s_glo * mean(s_loc) / mean(s_glo), s_loc) per head (s_glo:
-    accumulated attention, s_loc: attention of the last W queries). Per head, the top
-    slots within the head's budget (sinks and window first) are kept as class centres; an
-    evicted slot whose key has cosine >= merge_threshold with its most similar centre
-    merges into it (weights = s_GL, centre included), the others fall in the zero class
-    (evicted: a merge of weight 0). Budgets are head-wise adaptive (Ada-KV allocator), so
-    sparse heads mostly evict while redundant heads merge.
+    """Score s_GL = max(w * s_glo * mean(s_loc) / mean(s_glo), s_loc) per head (s_glo:
+    accumulated attention, s_loc: attention of the last W queries, max-pooled over 7
+    slots as SnapKV does). Per head, the top slots within the head's budget (sinks and
+    window first) are kept as class centres; an evicted slot whose key has cosine >=
+    merge_threshold with its most similar centre merges into it (weights = s_GL, centre
+    included), the others fall in the zero class (evicted: a merge of weight 0). Budgets
+    are head-wise adaptive (Ada-KV allocator), so sparse heads mostly evict while redundant
+    heads merge.
 
-    Signals: acc_scores and window queries. Defaults (ours): W=32, 4 sinks,
-    merge_threshold 0.9, allocator adakv (alpha 0.2), gqa_reduce mean. Acts at every
-    compression (every `interval` tokens).
+    Signals: window queries; acc_scores only when global_weight > 0. Defaults (ours): W=32,
+    4 sinks, merge_threshold 0.9, allocator adakv (alpha 0.2), gqa_reduce mean, pool max
+    kernel 7, global_weight 0: on the bundled model any global share lost retrieval
+    (needle_single at 2k, budget 256: 100% at w=0, 40% at w=0.1, 0% at w=1, see
+    docs/policies.md). Acts at every compression (every `interval` tokens).
     """
 
     needs_window_queries = True
-    needs_accumulated = True
     default_window = 32
     default_sinks = 4
     allocators = ("adakv", "uniform", "pyramid", "pyramid_adakv")
     options_spec = {
         "merge_threshold": number(0.9, -1.0, 1.0),
         "gqa_reduce": choice("mean", "mean", "max"),
+        "global_weight": number(0.0, 0.0, 1.0),
+        "pool": choice("max", "max", "avg", "none"),
+        "pool_kernel": integer(7, 1, odd=True),
     }
+
+    def __init__(self, window=None, sinks=None, **options):
+        super().__init__(window, sinks, **options)
+        # Accumulated attention costs score emission in every attention call: only if used.
+        self.needs_accumulated = self.options["global_weight"] > 0
 
     def score(self, batch: StreamBatch) -> torch.Tensor:
         queries, query_positions = batch.require_window_queries(self.name)
         local = window_attention(queries, batch.keys, batch.lengths, batch.positions,
                                  query_positions, batch.scale, self.options["gqa_reduce"])
-        return global_local_score(batch.acc_scores, local, batch.lengths)
+        if self.options["pool"] != "none":
+            before_window = (batch.lengths - self.window).clamp(min=0)
+            local = pool_scores(local, before_window, self.options["pool_kernel"],
+                                self.options["pool"])
+        if not self.needs_accumulated:
+            return local
+        return global_local_score(batch.acc_scores, local, batch.lengths,
+                                  self.options["global_weight"])
 
     def select(self, batch, budgets, *, scores=None, window=None, sinks=None) -> Selection:
         scores = self.score(batch) if scores is None else scores

@@ -67,8 +67,9 @@ def accumulate_attention(acc_scores: torch.Tensor, queries: torch.Tensor, keys: 
 
 
 def global_local_score(global_scores: torch.Tensor, local_scores: torch.Tensor,
-                       lengths: torch.Tensor) -> torch.Tensor:
-    """[N, T] float32 EMS Global-Local score: max(s_glo * mean(s_loc) / mean(s_glo), s_loc).
+                       lengths: torch.Tensor, global_weight: float = 1.0) -> torch.Tensor:
+    """[N, T] float32 EMS Global-Local score: max(w * s_glo * mean(s_loc) / mean(s_glo), s_loc)
+    with w = global_weight.
 
     The global score (accumulated attention, [N, T]) is rescaled to the local one's mean
     (window attention, [N, T]) over each stream's live slots, which removes its scale and
@@ -82,7 +83,7 @@ def global_local_score(global_scores: torch.Tensor, local_scores: torch.Tensor,
     mean_glo = glo.sum(dim=1, keepdim=True) / count
     mean_loc = loc.sum(dim=1, keepdim=True) / count
     factor = torch.where(mean_glo > 0, mean_loc / torch.where(mean_glo > 0, mean_glo, 1.0), 0.0)
-    return torch.maximum(glo * factor, loc)
+    return torch.maximum(glo * (factor * global_weight), loc)
 
 
 def pool_scores(scores: torch.Tensor, lengths: torch.Tensor, kernel: int, kind: str = "max") -> torch.Tensor:
