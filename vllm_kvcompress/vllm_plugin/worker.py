@@ -32,6 +32,11 @@ class CPUCompressionWorker(CPUWorker):
         super().init_device()
         runtime_registry.set_runner(self.model_runner)
 
+    def shutdown(self) -> None:
+        super().shutdown()
+        # The runtime holds views of the KV tensors: let them go with the engine.
+        runtime_registry.set_runner(None)
+
     def execute_model(self, scheduler_output):
         runtime = runtime_registry.get()
         if runtime is not None:
