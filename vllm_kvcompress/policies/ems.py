@@ -12,8 +12,8 @@ import torch
 from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, choice, integer,
                                            number, slot_indices, top_k_with_protection)
 from vllm_kvcompress.policies.registry import register_policy
-from vllm_kvcompress.policies.scoring import (global_local_score, most_similar_kept,
-                                              pool_scores, window_attention)
+from vllm_kvcompress.policies.scoring import global_local_score, most_similar_kept
+from vllm_kvcompress.policies.snapkv import pooled_window_scores
 
 
 @register_policy("ems")
@@ -52,13 +52,7 @@ class EMS(Policy):
         self.needs_accumulated = self.options["global_weight"] > 0
 
     def score(self, batch: StreamBatch) -> torch.Tensor:
-        queries, query_positions = batch.require_window_queries(self.name)
-        local = window_attention(queries, batch.keys, batch.lengths, batch.positions,
-                                 query_positions, batch.scale, self.options["gqa_reduce"])
-        if self.options["pool"] != "none":
-            before_window = (batch.lengths - self.window).clamp(min=0)
-            local = pool_scores(local, before_window, self.options["pool_kernel"],
-                                self.options["pool"])
+        local = pooled_window_scores(self, batch)
         if not self.needs_accumulated:
             return local
         return global_local_score(batch.acc_scores, local, batch.lengths,

@@ -38,11 +38,17 @@ class SnapKV(Policy):
     }
 
     def score(self, batch: StreamBatch) -> torch.Tensor:
-        queries, query_positions = batch.require_window_queries(self.name)
-        scores = window_attention(queries, batch.keys, batch.lengths, batch.positions,
-                                  query_positions, batch.scale, self.options["gqa_reduce"])
-        if self.options["pool"] == "none":
-            return scores
-        # SnapKV pools only the scores before the window (the window is kept anyway).
-        before_window = (batch.lengths - self.window).clamp(min=0)
-        return pool_scores(scores, before_window, self.options["pool_kernel"], self.options["pool"])
+        return pooled_window_scores(self, batch)
+
+
+def pooled_window_scores(policy: Policy, batch: StreamBatch) -> torch.Tensor:
+    """[N, T] SnapKV's score, with the policy's window and options gqa_reduce, pool and
+    pool_kernel: window attention, pooled only before the window (kept anyway)."""
+    queries, query_positions = batch.require_window_queries(policy.name)
+    options = policy.options
+    scores = window_attention(queries, batch.keys, batch.lengths, batch.positions,
+                              query_positions, batch.scale, options["gqa_reduce"])
+    if options["pool"] == "none":
+        return scores
+    before_window = (batch.lengths - policy.window).clamp(min=0)
+    return pool_scores(scores, before_window, options["pool_kernel"], options["pool"])

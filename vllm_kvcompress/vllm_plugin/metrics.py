@@ -62,17 +62,17 @@ class CompressionMetrics:
         self.compression_ratio.set(seen / kept if kept else 1.0)
 
     def gauges_due(self) -> bool:
-        now = time.monotonic()
-        if now - self._last_gauges < GAUGE_INTERVAL_S:
-            return False
-        self._last_gauges = now
-        return True
+        return self._due("_last_gauges", GAUGE_INTERVAL_S)
 
     def log_due(self) -> bool:
+        return self._due("_last_log", LOG_INTERVAL_S)
+
+    def _due(self, last: str, interval_s: float) -> bool:
+        """True (and restart the clock named `last`) once `interval_s` has passed."""
         now = time.monotonic()
-        if now - self._last_log < LOG_INTERVAL_S:
+        if now - getattr(self, last) < interval_s:
             return False
-        self._last_log = now
+        setattr(self, last, now)
         return True
 
 
