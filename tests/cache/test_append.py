@@ -21,8 +21,9 @@ def test_slot_ids_follow_the_bump_pointer_over_the_requests_pages():
     cache.add_pages(1, [7, 3])
     slot_ids = cache.append([1], [5])                          # 5 tokens: 2 blocks per head
     assert slot_ids.shape == (2, 5, HEADS)
-    # Local blocks: head 0 -> 0, 1; head 1 -> 2, 3. Page 7 holds locals 0-1, page 3 locals 2-3.
-    head_blocks = {0: [7 * HEADS + 0, 7 * HEADS + 1], 1: [3 * HEADS + 0, 3 * HEADS + 1]}
+    # Block-major: head 0 -> locals 0, 2; head 1 -> 1, 3. Page 7 holds every head's first
+    # block, page 3 every head's second: vLLM's layout of uncompressed tokens.
+    head_blocks = {0: [7 * HEADS + 0, 3 * HEADS + 0], 1: [7 * HEADS + 1, 3 * HEADS + 1]}
     for head, blocks in head_blocks.items():
         want = [blocks[t // BLOCK_SIZE] * BLOCK_SIZE + t % BLOCK_SIZE for t in range(5)]
         assert slot_ids[0, :, head].tolist() == want

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import random
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -53,6 +54,8 @@ class RunStats:
     max_decoding: int = 0
     preemptions: int = 0
     aborted: list[str] = field(default_factory=list)
+    # Prompt tokens each request found in vLLM's prefix cache.
+    cached_tokens: dict[str, int] = field(default_factory=dict)
 
 
 def prompt_of_length(tokenizer, num_tokens: int, seed: int) -> list[int]:
@@ -65,10 +68,12 @@ def prompt_of_length(tokenizer, num_tokens: int, seed: int) -> list[int]:
 
 
 def run(llm, prompts: list[list[int]], params: list[SamplingParams] | SamplingParams,
-        abort_after_steps: dict[int, int] | None = None) -> RunStats:
+        abort_after_steps: dict[int, int] | None = None,
+        after_step: Callable[[int], None] | None = None) -> RunStats:
     """Add every prompt (token ids), step the engine to completion, count as it goes.
 
     abort_after_steps: {prompt index: step} aborts that request at that step.
+    after_step: called with the step number after every step.
     """
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -86,8 +91,11 @@ def run(llm, prompts: list[list[int]], params: list[SamplingParams] | SamplingPa
         for output in engine.step():
             if output.finished and output.outputs[0].finish_reason != "abort":
                 stats.outputs[output.request_id] = list(output.outputs[0].token_ids)
+                stats.cached_tokens[output.request_id] = output.num_cached_tokens or 0
         decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running)
         stats.max_decoding = max(stats.max_decoding, decoding)
+        if after_step is not None:
+            after_step(step)
         step += 1
     stats.preemptions = getattr(sched, "num_preemptions", 0)
     return stats

@@ -128,3 +128,52 @@ def test_scheduler_releases_pages_after_prefill(model_dir, tokenizer):
     block_size = 32
     assert max(live) >= 2000 // block_size        # the whole prompt during prefill
     assert 0 < min(p for p in live if p) <= (128 + 16 + block_size) // block_size + 1
+
+
+def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, tokenizer):
+    """Invariant 5 with vLLM's prefix caching on (its default): requests sharing a prompt
+    prefix read its cached pages instead of computing them, compression never writes a
+    hashed page, an accumulated-attention policy stays out of the cache, and every answer
+    equals the one with prefix caching off."""
+    prefix = prompt_of_length(tokenizer, 600, seed=300)
+    prompts = [prefix + prompt_of_length(tokenizer, 40 + 30 * i, seed=310 + i) for i in range(4)]
+    # r2 never compresses, so it holds shared pages to the end; r3's h2o sums every query's
+    # attention, which a cache hit would skip.
+    params = [GREEDY, GREEDY] + [SamplingParams(**_greedy_kwargs(), extra_args=extra)
+                                 for extra in ({"budget": 4000}, {"kv_policy": "h2o"})]
+    config = {"kv_policy": "snapkv", "budget": 64, "kv_interval": 8}
+    with started_llm(model_dir, additional_config=config, enable_prefix_caching=False) as llm:
+        expected = run(llm, prompts, params).outputs
+    with started_llm(model_dir, additional_config=config) as llm:
+        first = run(llm, prompts[:1], params[:1])              # writes the prefix's pages
+        pool, runtime = block_pool(llm), runtime_registry.get()
+        heads = runtime.num_kv_heads
+        cached = _hashed_pages(pool)
+        assert len(cached) >= 600 // 32
+        contents = {block: [layer.kv[block * heads:(block + 1) * heads].clone()
+                            for layer in runtime.cache.layers] for block in cached}
+
+        def check_sharing(step: int) -> None:
+            if step < 3:
+                runtime.cache.check_invariants()  # pages held by several requests included
+                r2 = next(s for rid, s in runtime.requests.items() if rid.startswith("r2"))
+                assert runtime.cache.shared_pages[r2.slot] >= 576 // 32
+
+        stats = run(llm, prompts, params, after_step=check_sharing)
+        now = _hashed_pages(pool)
+        unchanged = [block for block, block_hash in cached.items() if now.get(block) == block_hash]
+        assert len(unchanged) >= 600 // 32
+        for block in unchanged:
+            for layer, before in zip(runtime.cache.layers, contents[block]):
+                assert torch.equal(layer.kv[block * heads:(block + 1) * heads], before)
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    assert all(stats.cached_tokens[f"r{i}"] >= 576 for i in range(3))
+    assert stats.cached_tokens["r3"] == 0                     # h2o: outside the cache
+    assert first.outputs["r0"] == expected["r0"]
+    assert stats.outputs == expected
+
+
+def _hashed_pages(pool) -> dict:
+    """{page id: its prefix-cache hash} of every page vLLM has hashed."""
+    return {block.block_id: block.block_hash for block in pool.blocks
+            if block.block_hash is not None}

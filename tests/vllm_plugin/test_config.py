@@ -122,7 +122,16 @@ def test_preset_through_the_serve_parser(model_dir):
     assert engine_args.additional_config["budget"] == 64          # the flag beats the preset
     config = engine_args.create_engine_config()
     assert config.additional_config["budget"] == 64
-    assert config.cache_config.enable_prefix_caching is False     # compression turned it off
+    assert config.cache_config.enable_prefix_caching is True      # vLLM's default, kept
+
+
+def test_prefix_caching_with_chunked_prefill_mode(model_dir):
+    base = ("--model", str(model_dir), "--kv-policy", "snapkv", "--budget", "64",
+            "--kv-prefill-mode", "chunked")
+    config = engine_args_from_cli(*base).create_engine_config()
+    assert config.cache_config.enable_prefix_caching is False     # turned off, not refused
+    message = cli_error(*base, "--enable-prefix-caching")
+    assert "--enable-prefix-caching with --kv-prefill-mode chunked" in message
 
 
 def test_not_yet_servable_policy_fails_at_start_up(model_dir):

@@ -1,9 +1,12 @@
 """Head-block allocation for new tokens: a bump pointer over each request's pages.
 
 Appending k tokens to a request adds k slots to each of its L * H streams. A stream whose
-new length crosses into a further head-block takes the next local head-block index of its
-(layer, request); the heads of one layer take theirs in head order. Lengths differ per layer
-and head after head-wise compression, so the growth is computed for all (L, R, H) at once.
+new length crosses into further head-blocks takes the next local head-block indices of its
+(layer, request), block by block: first every growing stream's first new block (heads in
+order), then every second one, and so on. Streams of equal length (never compressed) thus
+lay out page p as head-block p of each head, vLLM's own layout, which is what lets their
+full pages be shared through vLLM's prefix cache. Lengths differ per layer and head after
+head-wise compression, so the growth is computed for all (L, R, H) at once.
 """
 
 from __future__ import annotations
@@ -82,14 +85,16 @@ def _check_capacity(tables: StreamTables, slots: torch.Tensor, growth: Growth,
 
 def _assign_new_blocks(tables: StreamTables, slots: torch.Tensor, growth: Growth,
                        block_size: int, max_new: int) -> None:
-    """Write the gained head-blocks into the block tables (bump pointer, head order)."""
+    """Write the gained head-blocks into the block tables (bump pointer, block-major)."""
     num_layers, num_requests, num_heads = growth.new_blocks.shape
     device = slots.device
     gained = growth.new_blocks
-    first_local = (tables.used_blocks[:, slots].long()[..., None]
-                   + gained.cumsum(dim=2) - gained)                              # [L, R, H]
     j = torch.arange(-(-max_new // block_size), device=device)  # most blocks a stream gains
-    local = first_local[..., None] + j                                          # [L, R, H, J]
+    takes = (gained[..., None] > j).long()                      # [L, R, H, J]: block j is new
+    per_round = takes.sum(dim=2)                                                # [L, R, J]
+    before_round = per_round.cumsum(dim=2) - per_round
+    local = (tables.used_blocks[:, slots].long()[..., None, None] + before_round[:, :, None, :]
+             + takes.cumsum(dim=2) - takes)                                     # [L, R, H, J]
     physical = tables.physical_blocks(slots[None, :, None, None], local)
     column = blocks_for(growth.lengths, block_size)[..., None] + j
     # Masked-out entries go to the scratch column instead of being filtered out.

@@ -3,6 +3,8 @@
 1. No head-block is owned by two live streams; every owned head-block lies in its request's
    pages; a request's owned local head-blocks are exactly 0 .. used - 1 (bump pointer, no
    holes); no page belongs to two requests; with the caller's free list: free + owned = all.
+   Shared prefix pages (`share_prefix`) are the exception: a page may belong to several
+   requests when all but one of them hold it among their shared leading pages.
 2. A stream's live slots are its first `length` slots, in original token order (strictly
    increasing positions).
 4. A request's head-blocks fit in its pages (used <= pages * H in every layer).
@@ -23,7 +25,8 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
     heads, block_size = cache.num_kv_heads, cache.block_size
     pages = tables.request_pages.cpu().tolist()
     counts = tables.page_counts.cpu().tolist()
-    _check_pages(pages, counts, cache.num_pages, free_pages)
+    shared = {p for slot, row in enumerate(pages) for p in row[:cache.shared_pages[slot]]}
+    _check_pages(pages, counts, cache.shared_pages, cache.num_pages, free_pages)
     for layer in range(cache.num_layers):
         positions = cache.layers[layer].positions.cpu()
         block_tables = tables.block_tables[layer].cpu().tolist()
@@ -38,8 +41,9 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
             for head in range(heads):
                 blocks = block_tables[slot][head][:-(-lengths[slot][head] // block_size)]
                 for block in blocks:
-                    assert block not in owner, (f"layer {layer}: head-block {block} owned by "
-                                                f"{owner[block]} and {(slot, head)}")
+                    assert block not in owner or block // heads in shared, (
+                        f"layer {layer}: head-block {block} owned by {owner[block]} and "
+                        f"{(slot, head)}")
                     owner[block] = (slot, head)
                     assert block // heads in local_of, \
                         f"layer {layer} slot {slot}: head-block {block} outside its pages"
@@ -50,9 +54,13 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
                 f"layer {layer} slot {slot}: local head-blocks {sorted(taken)}, used {used[slot]}"
 
 
-def _check_pages(pages, counts, num_pages: int, free_pages: torch.Tensor | None) -> None:
-    owned: list[int] = [p for slot, row in enumerate(pages) for p in row[:counts[slot]]]
-    assert len(owned) == len(set(owned)), "a page belongs to two requests (or twice to one)"
+def _check_pages(pages, counts, shared_counts, num_pages: int,
+                 free_pages: torch.Tensor | None) -> None:
+    writable = [p for slot, row in enumerate(pages)
+                for p in row[shared_counts[slot]:counts[slot]]]
+    assert len(writable) == len(set(writable)), \
+        "a page belongs to two requests (or twice to one) outside a shared prefix"
+    owned = {p for slot, row in enumerate(pages) for p in row[:counts[slot]]}
     if free_pages is not None:
         free = free_pages.cpu().tolist()
         assert len(free) == len(set(free)), "a page is free twice"

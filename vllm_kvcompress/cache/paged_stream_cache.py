@@ -61,6 +61,8 @@ class PagedStreamCache:
             max_blocks_per_stream or max_pages_per_request, device)
         # Host copy of the page counts: the caller's own bookkeeping, read without syncs.
         self._page_counts = [0] * max_requests
+        # Leading pages each request reads but another request wrote (share_prefix).
+        self.shared_pages = [0] * max_requests
 
     # ----- pages (request level) -----
 
@@ -91,6 +93,41 @@ class PagedStreamCache:
         self._set_page_count(slot, keep_pages)
         return released
 
+    def share_prefix(self, slot: int, num_tokens: int) -> None:
+        """Start request `slot`'s empty streams on its first num_tokens / block_size pages,
+        which already hold those tokens in the uncompressed layout (page p: head-block p
+        of every stream), e.g. pages of vLLM's prefix cache that another request wrote.
+
+        The request only reads them: its appends go to later pages, and compaction
+        writes to the pages left after `drop_leading_pages`."""
+        num_pages, rest = divmod(num_tokens, self.block_size)
+        if rest or num_pages > self._page_counts[slot]:
+            raise ValueError(f"request slot {slot}: a shared prefix of {num_tokens} tokens "
+                             f"must fill whole pages among its {self._page_counts[slot]}")
+        heads = self.num_kv_heads
+        pages = self.tables.request_pages[slot, :num_pages].long()
+        blocks = pages[None, :] * heads + torch.arange(heads, device=self.device)[:, None]
+        self.tables.block_tables[:, slot, :, :num_pages] = blocks.int()
+        self.tables.lengths[:, slot] = num_tokens
+        self.tables.used_blocks[:, slot] = num_pages * heads
+        self.shared_pages[slot] = num_pages
+
+    def drop_leading_pages(self, slot: int, count: int) -> None:
+        """Take request `slot`'s first `count` pages off its page list, just before every
+        layer of it is compacted: the compaction then writes its survivors to the pages
+        after them and reads the old slots where they are. The dropped pages (shared
+        ones, hashed by the caller) are never written by this request."""
+        if count <= 0:
+            return
+        held = self._page_counts[slot]
+        if count >= held:
+            raise RuntimeError(f"request slot {slot}: dropping {count} of its {held} pages "
+                               f"leaves none to compact into")
+        pages = self.tables.request_pages
+        pages[slot, :held - count] = pages[slot, count:held].clone()
+        self._set_page_count(slot, held - count)
+        self.shared_pages[slot] = max(self.shared_pages[slot] - count, 0)
+
     def pages_in_use(self, slots: IntsLike) -> torch.Tensor:
         """[R] int64: pages holding live head-blocks of each request (its largest layer)."""
         used = self.tables.used_blocks[:, self._slots(slots)].long()
@@ -115,6 +152,7 @@ class PagedStreamCache:
         self.tables.page_counts[device_slots] = 0
         for slot in slot_list:
             self._page_counts[slot] = 0
+            self.shared_pages[slot] = 0
         return pages
 
     # ----- tokens -----

@@ -47,12 +47,13 @@ def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig,
                        prefix_caching_requested: bool | None = None) -> None:
     """Point vLLM at our scheduler and worker; refuse combinations we cannot run."""
     check_servable(settings)
-    _refuse_unsupported(vllm_config, prefix_caching_requested)
+    chunked = settings.kv_prefill_mode == "chunked"
+    _refuse_unsupported(vllm_config, prefix_caching_requested and chunked)
     cache_config = vllm_config.cache_config
     cache_config.block_size = BLOCK_SIZE
-    if cache_config.enable_prefix_caching:
-        logger.info("vllm-kvcompress: prefix caching is turned off while KV compression "
-                    "is on (compressed pages no longer hold the tokens of their position)")
+    if cache_config.enable_prefix_caching and chunked:
+        logger.info("vllm-kvcompress: prefix caching is turned off with --kv-prefill-mode "
+                    "chunked (a prompt's pages are compressed before the prompt is complete)")
         cache_config.enable_prefix_caching = False
     # Both sides of the page accounting assume each step sees the previous one finished.
     vllm_config.scheduler_config.async_scheduling = False
@@ -68,8 +69,9 @@ def _refuse_unsupported(vllm_config: VllmConfig, prefix_caching_requested: bool 
     model_config = vllm_config.model_config
     problems = []
     if prefix_caching_requested:
-        problems.append("--enable-prefix-caching (compressed pages cannot be shared yet; "
-                        "leave it unset)")
+        problems.append("--enable-prefix-caching with --kv-prefill-mode chunked (chunks are "
+                        "compressed before the prompt's pages could be shared; use the "
+                        "full prefill mode)")
     if vllm_config.speculative_config is not None:
         problems.append("speculative decoding")
     if vllm_config.kv_transfer_config is not None:

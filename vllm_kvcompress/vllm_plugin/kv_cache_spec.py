@@ -6,8 +6,13 @@ until the first compression, then about budget + interval tokens), and frees the
 pages beyond that as soon as a step ends with less data. The worker compacts every
 request's live head-blocks into its first pages, so trailing pages hold no live data when
 they are released; the worker applies the same release rule to its copy of the block
-table (see worker_state.py), so both sides agree on a request's live pages without
-exchanging messages.
+table (runtime.py), so both sides agree on a request's live pages without exchanging
+messages.
+
+With prefix caching, a request's full pages written before its first compression (and the
+cached pages it started from) are hashed as vLLM does and never written again: the first
+compression copies the survivors into fresh pages (allocated for that step), and the next
+step releases the full pages, which stay in vLLM's prefix cache for later requests.
 
 Released pages become null entries in the request's block list (as sliding-window
 attention does); new pages are appended. A page is never handed to another request while
@@ -45,6 +50,8 @@ class CompressedAttentionManager(FullAttentionManager):
         self.schedules: dict[str, CompressionSchedule | None] = {}
         # request id -> (computed tokens at the start of this step, prompt length)
         self._step: dict[str, tuple[int, int]] = {}
+        # request id -> tokens processed at its first compression since it (re)started
+        self._compressed_at: dict[str, int] = {}
         self.pages_released = 0
 
     def num_live_pages(self, request_id: str) -> int:
@@ -56,11 +63,15 @@ class CompressedAttentionManager(FullAttentionManager):
         # release pages the streams no longer need after the previous step.
         self._step[request_id] = (processed_computed_tokens, num_prompt_tokens or 0)
         schedule = self.schedules.get(request_id)
-        if schedule is None or request_id not in self.req_to_blocks:
+        compressed_at = self._compressed_at.get(request_id)
+        if schedule is None or compressed_at is None or request_id not in self.req_to_blocks:
             return
-        keep = schedule.pages_to_keep(processed_computed_tokens, num_prompt_tokens or 0)
-        released = release_trailing_pages(
-            self.req_to_blocks[request_id], keep, self._null_block, self.block_pool)
+        blocks = self.req_to_blocks[request_id]
+        released = release_leading_pages(blocks, schedule.shared_pages(compressed_at),
+                                         self._null_block, self.block_pool)
+        keep = schedule.pages_to_keep(processed_computed_tokens, num_prompt_tokens or 0,
+                                      compressed=True)
+        released += release_trailing_pages(blocks, keep, self._null_block, self.block_pool)
         if released:
             self.pages_released += released
             pages_freed_counter().inc(released)
@@ -75,17 +86,21 @@ class CompressedAttentionManager(FullAttentionManager):
                 request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                 num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
                 prefill_end)
-        prompt_len = self._step.get(request_id, (0, 0))[1]
-        needed = schedule.pages_for_step(
-            total_computed_tokens, num_tokens - total_computed_tokens, prompt_len)
-        return max(needed - self.num_live_pages(request_id), 0)
+        needed = self._pages_for_step(request_id, schedule, total_computed_tokens, num_tokens)
+        held = self.num_live_pages(request_id) + len(new_computed_blocks)
+        # Cached pages nobody holds sit in the free queue: taking them uses free capacity.
+        return max(needed - held, 0) + self._get_num_evictable_blocks(new_computed_blocks)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         schedule = self.schedules.get(request_id)
         if schedule is None:
             return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
         computed, prompt_len = self._step.get(request_id, (0, 0))
-        needed = schedule.pages_for_step(computed, num_tokens - computed, prompt_len)
+        needed = self._pages_for_step(request_id, schedule, computed, num_tokens)
+        # This step is going to run: note the first compression it brings.
+        if (request_id not in self._compressed_at
+                and schedule.should_compress(num_tokens, 0, prompt_len)):
+            self._compressed_at[request_id] = num_tokens
         missing = needed - self.num_live_pages(request_id)
         if missing <= 0:
             return []
@@ -95,15 +110,44 @@ class CompressedAttentionManager(FullAttentionManager):
             self.new_block_ids.extend(block.block_id for block in new_blocks)
         return new_blocks
 
+    def _pages_for_step(self, request_id: str, schedule: CompressionSchedule,
+                        num_computed: int, num_tokens: int) -> int:
+        prompt_len = self._step.get(request_id, (0, 0))[1]
+        return schedule.pages_for_step(num_computed, num_tokens - num_computed, prompt_len,
+                                       compressed=request_id in self._compressed_at)
+
     def cache_blocks(self, request, num_tokens, retention_interval=None, *,
                      replay_boundaries) -> None:
-        # Compressed pages no longer hold the tokens of their position: never hash them.
-        return
+        # Only pages still holding the tokens of their position may be hashed: those of
+        # uncompressed requests, and a shared_prefix request's up to its first compression
+        # (it never writes them afterwards).
+        schedule = self.schedules.get(request.request_id)
+        if schedule is not None:
+            compressed_at = self._compressed_at.get(request.request_id)
+            if not schedule.shared_prefix:
+                return
+            if compressed_at is not None:
+                num_tokens = min(num_tokens, compressed_at)
+        super().cache_blocks(request, num_tokens, retention_interval,
+                             replay_boundaries=replay_boundaries)
 
     def pop_blocks_for_free(self, request_id: str):
         # Freed on finish and on preemption; the schedule stays until the request ends.
         self._step.pop(request_id, None)
+        self._compressed_at.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
+
+
+def release_leading_pages(blocks: list, count: int, null_block, block_pool) -> int:
+    """Null and free the live entries among the first `count` of `blocks` (the shared
+    full pages a request has copied its survivors out of). Returns how many were freed.
+    vLLM keeps freed hashed pages in its prefix cache until it needs the space."""
+    freed = [block for block in blocks[:count] if not block.is_null]
+    for i in range(min(count, len(blocks))):
+        blocks[i] = null_block
+    if freed:
+        block_pool.free_blocks(reversed(freed))
+    return len(freed)
 
 
 def release_trailing_pages(blocks: list, keep: int, null_block, block_pool) -> int:
@@ -133,8 +177,12 @@ def register_spec() -> None:
     )
 
 
-def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int) -> CompressionSchedule | None:
-    """The compression schedule of a request with `settings` (None: not compressed)."""
+def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
+                 prefix_caching: bool) -> CompressionSchedule | None:
+    """The compression schedule of a request with `settings` (None: not compressed).
+
+    With prefix caching on, a request shares its prefix unless its policy accumulates
+    attention over every query: a cache hit would skip the queries of the cached tokens."""
     if not settings.enabled:
         return None
     from vllm_kvcompress.policies import make_policy
@@ -145,4 +193,6 @@ def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int) -
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,
         layer_budget=policy.max_layer_budget(settings.budget, num_layers),
+        shared_prefix=prefix_caching and not policy.needs_accumulated,
+        reread_tokens=policy.query_window if policy.needs_window_queries else 0,
     )

@@ -84,6 +84,7 @@ class CompressionRuntime:
         self.server = server_settings(vllm_config)
         self._policies: dict[tuple, Policy] = {}
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
         self.num_layers = len(kv_caches)
         self.num_kv_heads, self.head_size, self.block_size = num_kv_heads, head_size, block_size
         max_requests = vllm_config.scheduler_config.max_num_seqs
@@ -120,7 +121,7 @@ class CompressionRuntime:
     def _admit(self, req_id: str, req_state) -> RequestStreams:
         extra_args = req_state.sampling_params.extra_args if req_state.sampling_params else None
         settings = resolve_request_settings(self.server, extra_args, self.max_model_len)
-        schedule = schedule_for(settings, self.block_size, self.num_layers)
+        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching)
         policy = self._policy(settings) if settings.enabled else None
         if policy is not None and policy.query_window > self.query_window_size:
             raise ValueError(f"request {req_id}: observation window {policy.query_window} "
@@ -140,14 +141,18 @@ class CompressionRuntime:
 
     def _sync_pages(self, streams: RequestStreams, block_ids: list[int], num_computed: int) -> None:
         """Mirror the scheduler's page bookkeeping for one request (kv_cache_spec.py):
-        release the pages past the schedule's bound, then take the newly appended ones."""
-        if streams.schedule is not None:
-            keep = streams.schedule.pages_to_keep(num_computed, streams.prompt_len)
+        release the pages past the schedule's bound, then take the newly appended ones.
+        A request starting on prefix-cache hits reads their pages as its first tokens."""
+        if streams.last_compressed_at:
+            keep = streams.schedule.pages_to_keep(num_computed, streams.prompt_len,
+                                                  compressed=True)
             self.cache.release_pages(streams.slot, keep)
         new_pages = block_ids[streams.block_entries_seen:]
         if new_pages:
             self.cache.add_pages(streams.slot, new_pages)
-            streams.block_entries_seen = len(block_ids)
+        if streams.block_entries_seen == 0 and num_computed:
+            self.cache.share_prefix(streams.slot, num_computed)
+        streams.block_entries_seen = len(block_ids)
 
     # ----- per step -----
 
@@ -158,6 +163,7 @@ class CompressionRuntime:
         query_lens = (query_start_loc_cpu[1:num_reqs + 1] - query_start_loc_cpu[:num_reqs]).tolist()
         slots, starts = [], []
         groups: dict[tuple, CompressionGroup] = {}
+        shared_pages_to_drop: list[tuple[int, int]] = []
         emit_scores = needs_window = False
         for req_id, query_len in zip(req_ids, query_lens):
             req_state = self.runner.requests[req_id]
@@ -178,6 +184,9 @@ class CompressionRuntime:
             needs_window |= streams.policy.needs_window_queries
             if streams.schedule.should_compress(streams.num_tokens, streams.last_compressed_at,
                                                 streams.prompt_len):
+                if not streams.last_compressed_at:  # the first compression copies out
+                    shared_pages_to_drop.append(
+                        (streams.slot, streams.schedule.shared_pages(streams.num_tokens)))
                 streams.last_compressed_at = streams.num_tokens
                 budget = streams.settings.budget
                 group = groups.setdefault((id(streams.policy), budget),
@@ -192,6 +201,8 @@ class CompressionRuntime:
         slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
         query_start_loc = query_start_loc_cpu[:num_reqs + 1].to(device)
         slot_ids = self.cache.append(slot_tensor, lens)
+        for slot, count in shared_pages_to_drop:
+            self.cache.drop_leading_pages(slot, count)
         window_writes = None
         if needs_window:
             window_writes = self.window.plan(slot_tensor, query_start_loc, positions)

@@ -1,8 +1,9 @@
 """vLLM's scheduler with compressed-KV accounting (engine core process).
 
-Only two things change: the KV manager of our spec learns each request's compression
-schedule when the request arrives, and a few counters are kept for metrics and tests.
-Allocation itself stays vLLM's, through CompressedAttentionManager.
+Only three things change: the KV manager of our spec learns each request's compression
+schedule when the request arrives, prefix-cache hits leave a compressed request the
+prompt tokens its policy must see the queries of, and a few counters are kept for metrics
+and tests. Allocation itself stays vLLM's, through CompressedAttentionManager.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class KVCompressScheduler(Scheduler):
         self.block_size = self.compressed_manager.block_size
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
         # Counters for tests and benchmarks.
         self.max_running = 0
         self.num_preemptions = 0
@@ -51,9 +53,26 @@ class KVCompressScheduler(Scheduler):
         if request.request_id not in self.requests and request.sampling_params is not None:
             settings = resolve_request_settings(
                 self.settings, request.sampling_params.extra_args, self.max_model_len)
-            self.compressed_manager.schedules[request.request_id] = schedule_for(
-                settings, self.block_size, self.num_layers)
+            schedule = schedule_for(settings, self.block_size, self.num_layers,
+                                    self.prefix_caching)
+            self.compressed_manager.schedules[request.request_id] = schedule
+            if schedule is not None and not schedule.shared_prefix:
+                request.skip_reading_prefix_cache = True
         super().add_request(request)
+
+    def _get_local_prefix_cache_hit(self, request):
+        blocks, num_hit, *rest = super()._get_local_prefix_cache_hit(request)
+        schedule = self.compressed_manager.schedules.get(request.request_id)
+        if schedule is None or num_hit == 0:
+            return blocks, num_hit, *rest
+        # Leave the policy's observation window to compute, whole pages at a time, so
+        # that its scores see the same queries as without the cache.
+        allowed = max(request.num_tokens - schedule.reread_tokens, 0)
+        allowed -= allowed % self.block_size
+        if num_hit > allowed:
+            blocks = self.kv_cache_manager.truncate_computed_blocks(blocks, allowed)
+            num_hit = allowed
+        return blocks, num_hit, *rest
 
     def _free_request(self, request, *args, **kwargs):
         self.compressed_manager.schedules.pop(request.request_id, None)
