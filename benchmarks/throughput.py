@@ -16,6 +16,11 @@ spent scoring, selecting and compacting (the worker's CompressionMetrics).
 
     python benchmarks/throughput.py                        # defaults: CPU-sized
     python benchmarks/throughput.py --rates 1 8 --num-prompts 8 --json out.json --plot cr.png
+    python benchmarks/throughput.py --shared-prefix 512    # one system prompt, prefix caching
+
+With --shared-prefix N every prompt starts with the same N tokens and every engine runs
+with vLLM's prefix caching on (off otherwise: distinct prompts share nothing); the table
+then counts the prompt tokens served from the cache.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class Result:
     wall_s: float
     input_tokens: int
     output_tokens: int
+    cached_tokens: int
     max_running: int
     preemptions: int
     kv_bytes_per_request: float
@@ -87,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--min-input", type=int, default=512)
     parser.add_argument("--max-input", type=int, default=1536)
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="tokens every prompt starts with (prefix caching on when > 0)")
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--kv-tokens", type=int, default=8192,
                         help="KV cache size in tokens, the same for every engine")
@@ -103,15 +111,17 @@ def parse_args() -> argparse.Namespace:
 
 
 def make_prompts(tokenizer, args) -> list[list[int]]:
-    """Token-id prompts of lengths uniform in [min_input, max_input], seeded."""
+    """Token-id prompts of lengths uniform in [min_input, max_input], seeded, each after
+    the same shared_prefix tokens."""
     rng = random.Random(args.seed)
-    prompts = []
-    for _ in range(args.num_prompts):
-        length = rng.randint(args.min_input, args.max_input)
+
+    def words(length: int) -> list[int]:
         # Two words per token is more than enough text for `length` tokens.
-        text = " ".join(rng.choice(WORDS) for _ in range(2 * length))
-        prompts.append(tokenizer(text).input_ids[:length])
-    return prompts
+        return tokenizer(" ".join(rng.choice(WORDS) for _ in range(2 * length))).input_ids[:length]
+
+    prefix = words(args.shared_prefix) if args.shared_prefix else []
+    return [prefix + words(rng.randint(args.min_input, args.max_input))
+            for _ in range(args.num_prompts)]
 
 
 def bytes_per_token(model_dir, dtype: str) -> int:
@@ -128,9 +138,8 @@ def start_engine(model_dir, args, budget: int | None) -> LLM:
               if compressed else {"kv_policy": "none"})
     block_size = BLOCK_SIZE if compressed else STOCK_BLOCK_SIZE
     # +1: vLLM reserves one block as its null block, so both engines get kv_tokens usable.
-    # Prefix caching off on both: compression turns it off, and the prompts share nothing.
     return LLM(str(model_dir), enforce_eager=True, dtype=args.dtype, seed=args.seed,
-               max_model_len=args.max_model_len, enable_prefix_caching=False,
+               max_model_len=args.max_model_len, enable_prefix_caching=args.shared_prefix > 0,
                num_gpu_blocks_override=args.kv_tokens // block_size + 1,
                additional_config=config)
 
@@ -148,7 +157,7 @@ def drive(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     scheduler = engine.engine_core.engine_core.scheduler
     # vLLM's own scheduler has no preemption counter: read each request's as it runs.
     preemptions: dict[str, int] = {}
-    max_running = output_tokens = 0
+    max_running = output_tokens = cached_tokens = 0
     started = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
@@ -156,10 +165,12 @@ def drive(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
         for output in engine.step():
             if output.finished:
                 output_tokens += len(output.outputs[0].token_ids)
+                cached_tokens += output.num_cached_tokens or 0
         max_running = max(max_running, len(scheduler.running))
         preemptions.update({rid: r.num_preemptions for rid, r in scheduler.requests.items()})
     return dict(wall_s=time.perf_counter() - started, output_tokens=output_tokens,
-                max_running=max_running, preemptions=sum(preemptions.values()))
+                cached_tokens=cached_tokens, max_running=max_running,
+                preemptions=sum(preemptions.values()))
 
 
 def compression_seconds() -> tuple[float, float]:
@@ -206,18 +217,20 @@ def machine_header(args, prompts) -> str:
             f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), "
             f"{args.output_len} output tokens, KV cache {args.kv_tokens} tokens, "
             f"max_model_len {args.max_model_len}, policy {args.policy}, interval "
-            f"{args.kv_interval}")
+            f"{args.kv_interval}, shared prefix {args.shared_prefix} tokens (prefix caching "
+            f"{'on' if args.shared_prefix else 'off'})")
 
 
 def print_results(results: list[Result]) -> None:
     stock = results[0].output_tps
     rows = [[r.setting, "-" if r.budget is None else r.budget, r.output_tps, r.total_tps,
-             r.max_running, r.preemptions, f"{r.kv_bytes_per_request / 2**20:.2f}",
+             r.cached_tokens, r.max_running, r.preemptions,
+             f"{r.kv_bytes_per_request / 2**20:.2f}",
              r.output_tps / stock, "-" if r.rate is None else f"{100 * r.compression_share:.1f}"]
             for r in results]
-    print_table(["setting", "budget", "output tok/s", "total tok/s", "max running",
-                 "preemptions", "KV MiB/request", "output vs stock", "compress % of step"],
-                rows)
+    print_table(["setting", "budget", "output tok/s", "total tok/s", "cached prompt tokens",
+                 "max running", "preemptions", "KV MiB/request", "output vs stock",
+                 "compress % of step"], rows)
 
 
 def plot(results: list[Result], path: str) -> None:
