@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from vllm import LLM, SamplingParams
 
+from vllm_kvcompress.vllm_plugin.engine_setup import BLOCK_SIZE
+
 # float32: the compressed path attends with its own kernels; in bf16 rounding differences
 # against vLLM's CPU kernels could flip near-tied greedy tokens.
 ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", max_model_len=4096, seed=0)
@@ -23,7 +25,7 @@ def started_llm(model_dir, kv_tokens: int | None = None, **kwargs):
     kv_tokens sizes its KV cache (same bytes per token with or without compression)."""
     if kv_tokens is not None:
         compressed = kwargs.get("additional_config", {}).get("kv_policy", "none") != "none"
-        block_size = 32 if compressed else 128  # ours vs vLLM's CPU default
+        block_size = BLOCK_SIZE if compressed else 128  # ours vs vLLM's CPU default
         kwargs["num_gpu_blocks_override"] = kv_tokens // block_size
     llm = LLM(str(model_dir), **{**ENGINE_ARGS, **kwargs})
     try:

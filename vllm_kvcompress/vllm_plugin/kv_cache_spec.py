@@ -30,6 +30,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.policies import Policy, make_policy
 from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
 
 
@@ -122,12 +123,9 @@ class CompressedAttentionManager(FullAttentionManager):
         # uncompressed requests, and a shared_prefix request's up to its first compression
         # (it never writes them afterwards).
         schedule = self.schedules.get(request.request_id)
-        if schedule is not None:
-            compressed_at = self._compressed_at.get(request.request_id)
-            if not schedule.shared_prefix:
-                return
-            if compressed_at is not None:
-                num_tokens = min(num_tokens, compressed_at)
+        if schedule is not None and not schedule.shared_prefix:
+            return
+        num_tokens = min(num_tokens, self._compressed_at.get(request.request_id, num_tokens))
         super().cache_blocks(request, num_tokens, retention_interval,
                              replay_boundaries=replay_boundaries)
 
@@ -178,17 +176,17 @@ def register_spec() -> None:
 
 
 def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
-                 prefix_caching: bool) -> CompressionSchedule | None:
+                 prefix_caching: bool, policy: Policy | None = None) -> CompressionSchedule | None:
     """The compression schedule of a request with `settings` (None: not compressed).
+    policy: the request's policy if the caller has it already (else built here).
 
     With prefix caching on, a request shares its prefix unless its policy accumulates
     attention over every query: a cache hit would skip the queries of the cached tokens."""
     if not settings.enabled:
         return None
-    from vllm_kvcompress.policies import make_policy
-
-    policy = make_policy(settings.kv_policy, window=settings.kv_window, sinks=settings.kv_sinks,
-                         **settings.kv_policy_args)
+    if policy is None:
+        policy = make_policy(settings.kv_policy, window=settings.kv_window,
+                             sinks=settings.kv_sinks, **settings.kv_policy_args)
     return CompressionSchedule(
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,

@@ -39,7 +39,7 @@ class CompressionMetrics:
         self.compression_ratio = _metric(Gauge, "vllm:kv_compress_ratio",
                                          "tokens_seen / tokens_kept of the running requests",
                                          multiprocess_mode="max")
-        self._last_log = self._last_gauges = time.monotonic()
+        self._gauge_clock, self._log_clock = Every(GAUGE_INTERVAL_S), Every(LOG_INTERVAL_S)
         self.compression_total_s = 0.0
         self.step_total_s = 0.0
 
@@ -62,17 +62,24 @@ class CompressionMetrics:
         self.compression_ratio.set(seen / kept if kept else 1.0)
 
     def gauges_due(self) -> bool:
-        return self._due("_last_gauges", GAUGE_INTERVAL_S)
+        return self._gauge_clock.due()
 
     def log_due(self) -> bool:
-        return self._due("_last_log", LOG_INTERVAL_S)
+        return self._log_clock.due()
 
-    def _due(self, last: str, interval_s: float) -> bool:
-        """True (and restart the clock named `last`) once `interval_s` has passed."""
+
+class Every:
+    """`due()` is True once `interval_s` has passed since it last was (or since creation)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
         now = time.monotonic()
-        if now - getattr(self, last) < interval_s:
+        if now - self._last < self.interval_s:
             return False
-        setattr(self, last, now)
+        self._last = now
         return True
 
 

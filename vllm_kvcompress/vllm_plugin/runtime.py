@@ -121,8 +121,9 @@ class CompressionRuntime:
     def _admit(self, req_id: str, req_state) -> RequestStreams:
         extra_args = req_state.sampling_params.extra_args if req_state.sampling_params else None
         settings = resolve_request_settings(self.server, extra_args, self.max_model_len)
-        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching)
         policy = self._policy(settings) if settings.enabled else None
+        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
+                                policy)
         if policy is not None and policy.query_window > self.query_window_size:
             raise ValueError(f"request {req_id}: observation window {policy.query_window} "
                              f"exceeds the server's {self.query_window_size}")
