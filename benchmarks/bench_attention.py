@@ -43,7 +43,8 @@ def build_cache(num_requests, heads, mean_len, q_len, dtype, device, impl):
     keep_upto = torch.zeros(num_requests * heads, max(longest), dtype=torch.bool)
     keep_upto[torch.arange(max(longest))[None, :] < lengths.view(-1, 1)] = True
     cache.compact(0, slots, Selection(keep=keep_upto.to(device)))
-    cache.layers[0].kv.normal_()
+    cache.layers[0].keys.normal_()
+    cache.layers[0].values.normal_()
     cache.append(slots, [q_len] * num_requests)
     qsl = torch.arange(num_requests + 1, device=device, dtype=torch.int32) * q_len
     return cache, slots, qsl

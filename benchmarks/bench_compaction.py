@@ -29,7 +29,8 @@ def filled_cache(num_requests: int, length: int, dtype, device, impl) -> PagedSt
     for r in range(num_requests):
         cache.add_pages(r, range(r * pages, (r + 1) * pages))
     cache.append(range(num_requests), [length] * num_requests)
-    cache.layers[0].kv.normal_()
+    cache.layers[0].keys.normal_()
+    cache.layers[0].values.normal_()
     return cache
 
 

@@ -90,9 +90,10 @@ def test_reset_returns_the_pages_and_empties_the_streams():
 
 def test_external_pools_are_used_in_place():
     pages, block_size, head_dim = 4, BLOCK_SIZE, 8
-    # vLLM's layout [pages, H, bs, 2 * D] viewed as head-blocks [pages * H, 2, bs, D].
+    # K/V interleaved per slot ([pages, H, bs, 2 * D]) viewed as head-block pools.
     storage = torch.zeros(pages, HEADS, block_size, 2 * head_dim)
-    pools = [storage.view(pages * HEADS, block_size, 2, head_dim).transpose(1, 2)]
+    kv = storage.view(pages * HEADS, block_size, 2, head_dim)
+    pools = [(kv[:, :, 0], kv[:, :, 1])]
     cache = PagedStreamCache(1, HEADS, head_dim, pages, 1, pages, block_size=block_size,
                              dtype=torch.float32, kv_pools=pools)
     cache.add_pages(0, [2])
@@ -104,6 +105,7 @@ def test_external_pools_are_used_in_place():
 
 
 def test_external_pool_of_the_wrong_shape_is_refused():
-    with pytest.raises(ValueError, match="KV pool of layer 0"):
+    keys, values = torch.zeros(4 * HEADS, BLOCK_SIZE, 8), torch.zeros(4, BLOCK_SIZE, 8)
+    with pytest.raises(ValueError, match="values pool of layer 0"):
         PagedStreamCache(1, HEADS, 8, 4, 1, 4, block_size=BLOCK_SIZE, dtype=torch.float32,
-                         kv_pools=[torch.zeros(4, 2, BLOCK_SIZE, 8)])
+                         kv_pools=[(keys, values)])

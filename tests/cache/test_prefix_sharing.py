@@ -13,7 +13,8 @@ from vllm_kvcompress.cache.schedule import CompressionSchedule
 
 def pool_snapshot(cache, pages: list[int]) -> list[torch.Tensor]:
     rows = torch.tensor([p * HEADS + h for p in pages for h in range(HEADS)])
-    return [torch.cat([layer.kv[rows].flatten(), layer.positions[rows].flatten().float()])
+    return [torch.cat([layer.keys[rows].flatten(), layer.values[rows].flatten(),
+                       layer.positions[rows].flatten().float()])
             for layer in cache.layers]
 
 

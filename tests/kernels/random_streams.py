@@ -16,7 +16,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @dataclass
 class PagedStreams:
-    kv_pool: torch.Tensor          # [NB, 2, bs, D]
+    key_pool: torch.Tensor         # [NB, bs, D]
+    value_pool: torch.Tensor       # [NB, bs, D]
     scores_pool: torch.Tensor      # [NB, bs] float32, random prior scores
     block_tables: torch.Tensor     # [S, H, MB] int32
     lengths: torch.Tensor          # [S, H] int32
@@ -72,6 +73,8 @@ def random_paged_streams(seed: int, query_lens: list[int], lengths: list[list[in
     kv_pool[dead // block_size, :, dead % block_size] = float("nan")
     qsl = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
     query = torch.randn(int(qsl[-1]), num_kv_heads * group, head_dim, generator=gen).to(dtype)
-    return PagedStreams(kv_pool.to(device), scores_pool.to(device), block_tables.to(device),
-                        table_lengths.to(device), request_slots.to(device), qsl.to(device),
-                        query.to(device), dense_keys, dense_values, stream_slots)
+    kv_pool = kv_pool.to(device)
+    return PagedStreams(kv_pool[:, 0], kv_pool[:, 1], scores_pool.to(device),
+                        block_tables.to(device), table_lengths.to(device),
+                        request_slots.to(device), qsl.to(device), query.to(device), dense_keys,
+                        dense_values, stream_slots)

@@ -13,8 +13,8 @@ NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM = 10, 8, 12
 
 def _pools(dtype=torch.float32, device="cpu"):
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, HEAD_DIM, generator=gen).to(dtype).to(device),
-            torch.randint(0, 500, (NUM_BLOCKS, BLOCK_SIZE), generator=gen,
+    kv = torch.randn(NUM_BLOCKS, 2, BLOCK_SIZE, HEAD_DIM, generator=gen).to(dtype).to(device)
+    return (kv, torch.randint(0, 500, (NUM_BLOCKS, BLOCK_SIZE), generator=gen,
                           dtype=torch.int32).to(device),
             torch.rand(NUM_BLOCKS, BLOCK_SIZE, generator=gen).to(device))
 
@@ -44,7 +44,7 @@ def _classes(num_outputs, normalize=True, device="cpu"):
 def test_plain_gather_copies_exactly():
     kv, positions, scores = _pools(torch.float16)
     src = torch.tensor([5, 0, 79, 33])
-    got = gather_merge_slots(kv, positions, scores, src, impl="torch")
+    got = gather_merge_slots(kv[:, 0], kv[:, 1], positions, scores, src, impl="torch")
     block, offset = src // BLOCK_SIZE, src % BLOCK_SIZE
     assert torch.equal(got.keys, kv[block, 0, offset])
     assert torch.equal(got.values, kv[block, 1, offset])
@@ -56,7 +56,8 @@ def test_plain_gather_copies_exactly():
 def test_merge_equals_plain_math(normalize):
     kv, positions, scores = _pools()
     centres, merge = _classes(12, normalize)
-    got = gather_merge_slots(kv, positions, scores, centres, merge, impl="torch")
+    got = gather_merge_slots(kv[:, 0], kv[:, 1], positions, scores, centres, merge,
+                             impl="torch")
     flat_kv = kv.permute(0, 2, 1, 3).reshape(-1, 2, HEAD_DIM).double()
     offsets = merge.offsets.tolist()
     merged_rows = dict(zip(merge.rows.tolist(), range(len(merge.rows))))
@@ -82,8 +83,11 @@ def test_merge_equals_plain_math(normalize):
 def test_triton_equals_reference(merged, normalize, dtype):
     kv, positions, scores = _pools(dtype, DEVICE)
     centres, merge = _classes(21, normalize, DEVICE)
-    results = [gather_merge_slots(kv, positions, scores, centres, merge if merged else None,
-                                  impl=impl) for impl in ("torch", "triton")]
+    # Keys stored transposed in each block, as vLLM's CPU attention wants them.
+    keys = kv[:, 0].transpose(1, 2).contiguous().transpose(1, 2)
+    results = [gather_merge_slots(keys, kv[:, 1], positions, scores, centres,
+                                  merge if merged else None, impl=impl)
+               for impl in ("torch", "triton")]
     # Merged rows are cast from float32: one bf16 ulp of rounding difference is allowed.
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for want, got in zip(*(vars(r).values() for r in results)):

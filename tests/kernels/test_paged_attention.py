@@ -41,7 +41,7 @@ def test_reference_equals_plain_math(batch):
     streams = random_paged_streams(**batch)
     before = streams.scores_pool.clone()
     scale = batch["head_dim"] ** -0.5
-    out = paged_attention(streams.query, streams.kv_pool, streams.block_tables,
+    out = paged_attention(streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
                           streams.lengths, streams.request_slots, streams.query_start_loc,
                           scale, scores_pool=streams.scores_pool, impl="torch")
     expected, mass = naive_paged_attention(streams, scale)
@@ -58,7 +58,7 @@ def test_reference_equals_plain_math(batch):
 
 def test_without_scores_pool_scores_untouched():
     streams = random_paged_streams(0, [3], [[9, 5]], 2, 2, 8, 4)
-    out = paged_attention(streams.query, streams.kv_pool, streams.block_tables,
+    out = paged_attention(streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
                           streams.lengths, streams.request_slots, streams.query_start_loc, 0.3,
                           impl="torch")
     expected, _ = naive_paged_attention(streams, 0.3)
@@ -82,7 +82,7 @@ def test_triton_equals_reference(case, dtype):
     streams = random_paged_streams(1, query_lens, lengths, heads, group, head_dim, block_size,
                                    dtype=dtype, device=DEVICE)
     scores_ref = streams.scores_pool.clone()
-    args = (streams.query, streams.kv_pool, streams.block_tables, streams.lengths,
+    args = (streams.query, streams.key_pool, streams.value_pool, streams.block_tables, streams.lengths,
             streams.request_slots, streams.query_start_loc, head_dim ** -0.5)
     want = paged_attention(*args, scores_pool=scores_ref, impl="torch")
     got = paged_attention(*args, scores_pool=streams.scores_pool, impl="triton")
@@ -91,19 +91,22 @@ def test_triton_equals_reference(case, dtype):
     torch.testing.assert_close(streams.scores_pool, scores_ref, atol=tol, rtol=tol)
 
 
-def test_strided_pool_view():
-    """vLLM's GPU layout [pages, H, bs, 2 * D] viewed as head-blocks [pages * H, 2, bs, D]."""
+def test_strided_pool_views():
+    """Keys stored transposed in each block (vLLM's CPU layout) and K/V interleaved per slot
+    (its GPU layout) read the same as contiguous pools."""
     streams = random_paged_streams(2, [4, 1], [[12, 40], [9, 2]], 2, 2, 16, 16, device=DEVICE)
-    num_blocks, _, block_size, head_dim = streams.kv_pool.shape
-    interleaved = streams.kv_pool.permute(0, 2, 1, 3).contiguous()     # [NB, bs, 2, D]
-    strided = interleaved.transpose(1, 2)
-    assert not strided.is_contiguous()
-    args = (streams.query, streams.block_tables, streams.lengths, streams.request_slots,
+    args = (streams.block_tables, streams.lengths, streams.request_slots,
             streams.query_start_loc, 0.25)
-    want = paged_attention(streams.query, streams.kv_pool, *args[1:], impl="torch")
-    for impl in ("torch", "triton"):
-        got = paged_attention(streams.query, strided, *args[1:], impl=impl)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = paged_attention(streams.query, streams.key_pool, streams.value_pool, *args,
+                           impl="torch")
+    transposed_keys = streams.key_pool.transpose(1, 2).contiguous().transpose(1, 2)
+    interleaved = torch.stack([streams.key_pool, streams.value_pool], dim=2).contiguous()
+    for keys, values in ((transposed_keys, streams.value_pool),
+                         (interleaved[:, :, 0], interleaved[:, :, 1])):
+        assert not keys.is_contiguous()
+        for impl in ("torch", "triton"):
+            got = paged_attention(streams.query, keys, values, *args, impl=impl)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -118,7 +121,7 @@ def test_triton_equals_reference_on_gpu_at_scale(dtype):
     streams = random_paged_streams(3, query_lens, lengths, heads, group, 128, 32, dtype=dtype,
                                    device="cuda")
     scores_ref = streams.scores_pool.clone()
-    args = (streams.query, streams.kv_pool, streams.block_tables, streams.lengths,
+    args = (streams.query, streams.key_pool, streams.value_pool, streams.block_tables, streams.lengths,
             streams.request_slots, streams.query_start_loc, 128 ** -0.5)
     want = paged_attention(*args, scores_pool=scores_ref, impl="torch")
     got = paged_attention(*args, scores_pool=streams.scores_pool, impl="triton")

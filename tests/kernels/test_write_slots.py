@@ -10,7 +10,8 @@ from vllm_kvcompress.kernels import write_slots
 
 
 def _pools(num_blocks=12, block_size=8, head_dim=20, dtype=torch.float32, device="cpu"):
-    return (torch.zeros(num_blocks, 2, block_size, head_dim, dtype=dtype, device=device),
+    kv = torch.zeros(num_blocks, 2, block_size, head_dim, dtype=dtype, device=device)
+    return (kv[:, 0], kv[:, 1],
             torch.full((num_blocks, block_size), -1, dtype=torch.int32, device=device),
             torch.full((num_blocks, block_size), 7.0, device=device))
 
@@ -26,14 +27,14 @@ def _rows(count, head_dim=20, device="cpu"):
 
 @pytest.mark.parametrize("with_scores", [True, False])
 def test_reference_writes_each_row_to_its_slot(with_scores):
-    kv, positions, scores = _pools()
+    key_pool, value_pool, positions, scores = _pools()
     slot_ids, keys, values, pos, init = _rows(30)
-    write_slots(kv, positions, scores, slot_ids, keys, values, pos,
+    write_slots(key_pool, value_pool, positions, scores, slot_ids, keys, values, pos,
                 init if with_scores else None, impl="torch")
     for i, slot in enumerate(slot_ids.tolist()):
         block, offset = divmod(slot, 8)
-        assert torch.equal(kv[block, 0, offset], keys[i])
-        assert torch.equal(kv[block, 1, offset], values[i])
+        assert torch.equal(key_pool[block, offset], keys[i])
+        assert torch.equal(value_pool[block, offset], values[i])
         assert positions[block, offset] == pos[i]
         assert scores[block, offset] == (init[i] if with_scores else 0.0)
     untouched = torch.ones(12 * 8, dtype=torch.bool)
@@ -48,11 +49,11 @@ def test_triton_equals_reference(dtype, with_scores):
     slot_ids, keys, values, pos, init = _rows(37, device=DEVICE)
     results = []
     for impl in ("torch", "triton"):
-        pools = _pools(dtype=dtype, device=DEVICE)
-        # A strided view, as vLLM's [pages, H, bs, 2 * D] layout gives.
-        kv = pools[0].permute(0, 2, 1, 3).contiguous().transpose(1, 2)
-        write_slots(kv, pools[1], pools[2], slot_ids, keys, values, pos,
+        _, values_pool, positions, scores = _pools(dtype=dtype, device=DEVICE)
+        # Keys stored transposed in each block, as vLLM's CPU attention wants them.
+        keys_pool = torch.zeros(12, 20, 8, dtype=dtype, device=DEVICE).transpose(1, 2)
+        write_slots(keys_pool, values_pool, positions, scores, slot_ids, keys, values, pos,
                     init if with_scores else None, impl=impl)
-        results.append((kv, pools[1], pools[2]))
+        results.append((keys_pool, values_pool, positions, scores))
     for want, got in zip(*results):
         assert torch.equal(want, got)

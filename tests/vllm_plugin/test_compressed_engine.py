@@ -150,8 +150,12 @@ def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, to
         heads = runtime.num_kv_heads
         cached = _hashed_pages(pool)
         assert len(cached) >= 600 // 32
-        contents = {block: [layer.kv[block * heads:(block + 1) * heads].clone()
-                            for layer in runtime.cache.layers] for block in cached}
+        def page_contents(block: int) -> list[torch.Tensor]:
+            rows = slice(block * heads, (block + 1) * heads)
+            return [torch.cat([layer.keys[rows], layer.values[rows]])
+                    for layer in runtime.cache.layers]
+
+        contents = {block: page_contents(block) for block in cached}
 
         def check_sharing(step: int) -> None:
             if step < 3:
@@ -164,8 +168,8 @@ def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, to
         unchanged = [block for block, block_hash in cached.items() if now.get(block) == block_hash]
         assert len(unchanged) >= 600 // 32
         for block in unchanged:
-            for layer, before in zip(runtime.cache.layers, contents[block]):
-                assert torch.equal(layer.kv[block * heads:(block + 1) * heads], before)
+            for now_layer, before in zip(page_contents(block), contents[block]):
+                assert torch.equal(now_layer, before)
         assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
     assert all(stats.cached_tokens[f"r{i}"] >= 576 for i in range(3))
     assert stats.cached_tokens["r3"] == 0                     # h2o: outside the cache

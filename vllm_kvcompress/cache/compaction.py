@@ -54,12 +54,11 @@ class CompactionPlan:
 def compact_layer(pools: LayerPools, tables: StreamTables, layer: int, slots: torch.Tensor,
                   selection: Selection, impl: str | None = None) -> None:
     """Apply `selection` (over the padded [R * H, T] layout of `gather`) to requests `slots`."""
-    plan = plan_compaction(tables, layer, slots, selection, pools.kv.shape[2])
-    survivors = gather_merge_slots(pools.kv, pools.positions, pools.scores, plan.src,
-                                   plan.merge, impl)
+    plan = plan_compaction(tables, layer, slots, selection, pools.keys.shape[1])
+    survivors = gather_merge_slots(*pools, plan.src, plan.merge, impl)
     survivors = rewrite_survivors(survivors, pools, selection, plan)
-    write_slots(pools.kv, pools.positions, pools.scores, plan.dst, survivors.keys,
-                survivors.values, survivors.positions, survivors.scores, impl)
+    write_slots(*pools, plan.dst, survivors.keys, survivors.values, survivors.positions,
+                survivors.scores, impl)
     _commit_tables(tables, layer, slots, plan)
 
 

@@ -38,17 +38,17 @@ class StreamView(NamedTuple):
 class PagedStreamCache:
     """Per-head paged KV cache: L layers x H KV heads, head-blocks of `block_size` slots.
 
-    kv_pools: optional list of L externally allocated KV tensors
-    [num_pages * H, 2, block_size, head_size] (vLLM's, viewed as head-blocks); allocated
-    here when None. max_blocks_per_stream defaults to max_pages_per_request (a stream never
-    holds more tokens than its request). impl: kernel implementation ("torch", "triton",
-    None = automatic, see kernels/dispatch.py).
+    kv_pools: optional list of L (keys, values) pairs of externally allocated head-block
+    pools, each [num_pages * H, block_size, head_size] with any strides (views of vLLM's KV
+    tensors); allocated here when None. max_blocks_per_stream defaults to
+    max_pages_per_request (a stream never holds more tokens than its request). impl: kernel
+    implementation ("torch", "triton", None = automatic, see kernels/dispatch.py).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_size: int, num_pages: int,
                  max_requests: int, max_pages_per_request: int, block_size: int = 32,
                  dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
-                 kv_pools: Sequence[torch.Tensor] | None = None,
+                 kv_pools: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                  max_blocks_per_stream: int | None = None, impl: str | None = None):
         self.num_layers, self.num_kv_heads, self.head_size = num_layers, num_kv_heads, head_size
         self.block_size, self.num_pages, self.max_requests = block_size, num_pages, max_requests
@@ -175,7 +175,7 @@ class PagedStreamCache:
         values [tokens, H, D], positions [tokens]; scores [tokens, H] start at 0 if None."""
         num_tokens, num_heads = slot_ids.shape
         pools = self.layers[layer]
-        write_slots(pools.kv, pools.positions, pools.scores, slot_ids.reshape(-1),
+        write_slots(*pools, slot_ids.reshape(-1),
                     keys.reshape(-1, self.head_size), values.reshape(-1, self.head_size),
                     positions[:, None].expand(num_tokens, num_heads).reshape(-1),
                     None if scores is None else scores.reshape(-1), self.impl)
@@ -193,8 +193,8 @@ class PagedStreamCache:
         head_block, offset = flat // self.block_size, flat % self.block_size
         live_d = live[..., None]
         return StreamView(
-            keys=torch.where(live_d, pools.kv[head_block, 0, offset], 0),
-            values=torch.where(live_d, pools.kv[head_block, 1, offset], 0),
+            keys=torch.where(live_d, pools.keys[head_block, offset], 0),
+            values=torch.where(live_d, pools.values[head_block, offset], 0),
             positions=torch.where(live, pools.positions[head_block, offset].long(), -1),
             scores=torch.where(live, pools.scores[head_block, offset], 0.0),
             lengths=lengths)
@@ -214,10 +214,10 @@ class PagedStreamCache:
         query[qsl[r]:qsl[r + 1]], its last q_len tokens, already appended and written).
         emit_scores adds each slot's attention mass to its accumulated score."""
         pools = self.layers[layer]
-        return paged_attention(query, pools.kv, self.tables.block_tables[layer],
-                               self.tables.lengths[layer], self._slots(slots), query_start_loc,
-                               scale, pools.scores if emit_scores else None, max_query_len,
-                               self.impl)
+        return paged_attention(query, pools.keys, pools.values,
+                               self.tables.block_tables[layer], self.tables.lengths[layer],
+                               self._slots(slots), query_start_loc, scale,
+                               pools.scores if emit_scores else None, max_query_len, self.impl)
 
     def check_invariants(self, free_pages: torch.Tensor | None = None) -> None:
         """Raise AssertionError unless the storage invariants hold (tests; syncs freely).

@@ -1,11 +1,13 @@
-"""The storage of one layer: a KV pool of head-blocks and the per-slot metadata next to it.
+"""The storage of one layer: KV pools of head-blocks and the per-slot metadata next to them.
 
 Head-block hb = page * H + kv_head holds block_size slots of one KV head:
-  kv         [num_pages * H, 2, block_size, D]  kv[hb, 0] keys, kv[hb, 1] values
+  keys       [num_pages * H, block_size, D]  key of each slot
+  values     [num_pages * H, block_size, D]  value of each slot
   positions  [num_pages * H, block_size] int32  original token position of each slot
   scores     [num_pages * H, block_size] float32  accumulated attention of each slot
-Inside vLLM `kv` is a view of vLLM's per-layer KV tensor (any strides); the metadata pools
-are always the cache's own.
+Inside vLLM `keys` and `values` are views of vLLM's per-layer KV tensor with whatever strides
+its attention kernel wants (on CPU keys are stored transposed in each block); the metadata
+pools are always the cache's own.
 """
 
 from __future__ import annotations
@@ -16,29 +18,37 @@ import torch
 
 
 class LayerPools(NamedTuple):
-    kv: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
     positions: torch.Tensor
     scores: torch.Tensor
 
 
 def create_layer_pools(num_layers: int, num_head_blocks: int, block_size: int, head_size: int,
                        dtype: torch.dtype, device: torch.device | str,
-                       kv_pools: Sequence[torch.Tensor] | None = None) -> list[LayerPools]:
-    """One LayerPools per layer, over `kv_pools` when given (checked), else fresh zeros."""
-    shape = (num_head_blocks, 2, block_size, head_size)
+                       kv_pools: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                       ) -> list[LayerPools]:
+    """One LayerPools per layer, over `kv_pools` ((keys, values) per layer) when given
+    (checked), else fresh zeros."""
+    shape = (num_head_blocks, block_size, head_size)
     if kv_pools is None:
-        kv_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        fresh = [torch.zeros((num_head_blocks, 2, block_size, head_size), dtype=dtype,
+                             device=device) for _ in range(num_layers)]
+        kv_pools = [(kv[:, 0], kv[:, 1]) for kv in fresh]
     elif len(kv_pools) != num_layers:
         raise ValueError(f"{len(kv_pools)} KV pools given for {num_layers} layers")
     device = torch.device(device)
-    for layer, kv in enumerate(kv_pools):
-        on_device = kv.device.type == device.type and device.index in (None, kv.device.index)
-        if tuple(kv.shape) != shape or kv.dtype != dtype or not on_device:
-            raise ValueError(f"KV pool of layer {layer}: {tuple(kv.shape)} {kv.dtype} on "
-                             f"{kv.device}, expected {shape} {dtype} on {device}")
-    return [LayerPools(kv=kv,
+    for layer, pair in enumerate(kv_pools):
+        for name, pool in zip(("keys", "values"), pair):
+            on_device = (pool.device.type == device.type
+                         and device.index in (None, pool.device.index))
+            if tuple(pool.shape) != shape or pool.dtype != dtype or not on_device:
+                raise ValueError(f"{name} pool of layer {layer}: {tuple(pool.shape)} "
+                                 f"{pool.dtype} on {pool.device}, expected {shape} {dtype} "
+                                 f"on {device}")
+    return [LayerPools(keys=keys, values=values,
                        positions=torch.full((num_head_blocks, block_size), -1, dtype=torch.int32,
                                             device=device),
                        scores=torch.zeros((num_head_blocks, block_size), dtype=torch.float32,
                                           device=device))
-            for kv in kv_pools]
+            for keys, values in kv_pools]

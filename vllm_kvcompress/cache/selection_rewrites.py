@@ -52,8 +52,8 @@ def _value_merges(values: torch.Tensor, pools: LayerPools, selection: Selection,
     source = plan.src_all.flatten()[entries // fan]
     row = plan.survivor_of.gather(1, flat.clamp(0, max_len - 1)).flatten()[entries]
     weights = selection.value_merge_weights.reshape(-1)[entries].float()
-    block_size = pools.kv.shape[2]
-    source_values = pools.kv[source // block_size, 1, source % block_size].float()
+    block_size = pools.values.shape[1]
+    source_values = pools.values[source // block_size, source % block_size].float()
     added = torch.zeros(values.shape, device=values.device).index_add_(
         0, row, weights[:, None] * source_values)
     received = torch.zeros(len(values), dtype=torch.bool, device=values.device)

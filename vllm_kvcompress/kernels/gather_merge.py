@@ -49,27 +49,28 @@ class GatheredSlots:
     scores: torch.Tensor
 
 
-def gather_merge_slots(kv_pool: torch.Tensor, positions_pool: torch.Tensor,
-                       scores_pool: torch.Tensor, src: torch.Tensor,
+def gather_merge_slots(key_pool: torch.Tensor, value_pool: torch.Tensor,
+                       positions_pool: torch.Tensor, scores_pool: torch.Tensor, src: torch.Tensor,
                        merge: SlotMerge | None = None, impl: str | None = None) -> GatheredSlots:
     """Gather M = len(src) slots of one layer's pools, then apply `merge` to its rows.
 
-    kv_pool [num_head_blocks, 2, block_size, D]; positions_pool, scores_pool
-    [num_head_blocks, block_size]; src [M] int64 flat slot ids.
+    key_pool, value_pool [num_head_blocks, block_size, D] any strides; positions_pool,
+    scores_pool [num_head_blocks, block_size]; src [M] int64 flat slot ids.
     """
-    if use_triton(kv_pool, impl):
+    pools = (key_pool, value_pool, positions_pool, scores_pool)
+    if use_triton(key_pool, impl):
         from vllm_kvcompress.kernels.gather_merge_triton import gather_merge_slots_triton
 
-        return gather_merge_slots_triton(kv_pool, positions_pool, scores_pool, src, merge)
-    return gather_merge_slots_reference(kv_pool, positions_pool, scores_pool, src, merge)
+        return gather_merge_slots_triton(*pools, src, merge)
+    return gather_merge_slots_reference(*pools, src, merge)
 
 
-def gather_merge_slots_reference(kv_pool, positions_pool, scores_pool, src,
+def gather_merge_slots_reference(key_pool, value_pool, positions_pool, scores_pool, src,
                                  merge: SlotMerge | None = None) -> GatheredSlots:
     """Torch version of `gather_merge_slots`."""
-    block_size = kv_pool.shape[2]
+    block_size = key_pool.shape[1]
     head_block, offset = src // block_size, src % block_size
-    gathered = GatheredSlots(kv_pool[head_block, 0, offset], kv_pool[head_block, 1, offset],
+    gathered = GatheredSlots(key_pool[head_block, offset], value_pool[head_block, offset],
                              positions_pool[head_block, offset], scores_pool[head_block, offset])
     if merge is None or len(merge.rows) == 0:
         return gathered
@@ -91,8 +92,8 @@ def gather_merge_slots_reference(kv_pool, positions_pool, scores_pool, src,
             total = torch.where(has_weight, total / divisor, copies.float())
         return total.to(copies.dtype)
 
-    gathered.keys[merge.rows] = merged(kv_pool[m_block, 0, m_offset], gathered.keys[merge.rows])
-    gathered.values[merge.rows] = merged(kv_pool[m_block, 1, m_offset],
+    gathered.keys[merge.rows] = merged(key_pool[m_block, m_offset], gathered.keys[merge.rows])
+    gathered.values[merge.rows] = merged(value_pool[m_block, m_offset],
                                          gathered.values[merge.rows])
     gathered.scores[merge.rows] = torch.zeros(num_rows, device=src.device).index_add_(
         0, row_of_member, scores_pool[m_block, m_offset])

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from vllm_kvcompress.kernels.dispatch import use_triton
 
 
-def paged_attention(query: torch.Tensor, kv_pool: torch.Tensor, block_tables: torch.Tensor,
-                    lengths: torch.Tensor, request_slots: torch.Tensor,
+def paged_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor,
+                    block_tables: torch.Tensor, lengths: torch.Tensor, request_slots: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
                     scores_pool: torch.Tensor | None = None, max_query_len: int | None = None,
                     impl: str | None = None) -> torch.Tensor:
     """Attention output [tokens, Hq, D] in the query's dtype.
 
     query:           [tokens, Hq, D], request-major (request r's queries are contiguous)
-    kv_pool:         [num_head_blocks, 2, block_size, D] one layer's pool, any strides
+    key_pool:        [num_head_blocks, block_size, D] one layer's keys, any strides
+    value_pool:      [num_head_blocks, block_size, D] one layer's values, any strides
     block_tables:    [S, H, max_blocks] int32 physical head-block ids, S = request slots
     lengths:         [S, H] int32 live slots per stream, this step's tokens included
     request_slots:   [R] int64 table row of each request in the batch
@@ -33,17 +34,17 @@ def paged_attention(query: torch.Tensor, kv_pool: torch.Tensor, block_tables: to
                      and the G query heads of its group (accumulated attention)
     max_query_len:   largest q_len, if the caller knows it (else read from device: a sync)
     """
+    streams = (key_pool, value_pool, block_tables, lengths, request_slots, query_start_loc)
     if use_triton(query, impl):
         from vllm_kvcompress.kernels.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(query, kv_pool, block_tables, lengths, request_slots,
-                                      query_start_loc, scale, scores_pool, max_query_len)
-    return paged_attention_reference(query, kv_pool, block_tables, lengths, request_slots,
-                                     query_start_loc, scale, scores_pool)
+        return paged_attention_triton(query, *streams, scale, scores_pool, max_query_len)
+    return paged_attention_reference(query, *streams, scale, scores_pool)
 
 
-def paged_attention_reference(query, kv_pool, block_tables, lengths, request_slots,
-                              query_start_loc, scale, scores_pool=None) -> torch.Tensor:
+def paged_attention_reference(query, key_pool, value_pool, block_tables, lengths,
+                              request_slots, query_start_loc, scale,
+                              scores_pool=None) -> torch.Tensor:
     """Torch version of `paged_attention` (CPU path and Triton's test oracle).
 
     Decode requests (one query each) are padded into one batch; each prefill chunk is
@@ -58,23 +59,24 @@ def paged_attention_reference(query, kv_pool, block_tables, lengths, request_slo
     decode = (query_lens == 1).nonzero().flatten()
     if len(decode):
         rows = query_start_loc[:-1].long()[decode]
-        output[rows] = _decode_attention(query[rows], kv_pool, block_tables,
+        output[rows] = _decode_attention(query[rows], (key_pool, value_pool), block_tables,
                                          lengths[request_slots[decode]].long(),
                                          request_slots[decode], scale, scores_pool)
     for r in (query_lens > 1).nonzero().flatten().tolist():
         start, end = int(query_start_loc[r]), int(query_start_loc[r + 1])
         slot = request_slots[r]
-        output[start:end] = _chunk_attention(query[start:end], kv_pool, block_tables[slot],
+        output[start:end] = _chunk_attention(query[start:end], (key_pool, value_pool),
+                                             block_tables[slot],
                                              lengths[slot].long(), scale, scores_pool)
     return output
 
 
-def _decode_attention(query, kv_pool, block_tables, stream_lens, request_slots, scale,
+def _decode_attention(query, pools, block_tables, stream_lens, request_slots, scale,
                       scores_pool):
     """One query per request: query [R, Hq, D], stream_lens [R, H] -> [R, Hq, D]."""
     num_requests, num_q_heads, head_dim = query.shape
     num_kv_heads = block_tables.shape[1]
-    slots, keys, values = _read_streams(kv_pool, block_tables[request_slots], stream_lens)
+    slots, keys, values = _read_streams(pools, block_tables[request_slots], stream_lens)
     live = torch.arange(slots.shape[-1], device=query.device) < stream_lens[..., None]
     # Unwritten slots may hold anything (NaN too): 0 * NaN would poison the sum.
     values.masked_fill_(~live[..., None], 0.0)
@@ -91,13 +93,13 @@ def _decode_attention(query, kv_pool, block_tables, stream_lens, request_slots, 
 QUERY_CHUNK = 256
 
 
-def _chunk_attention(query, kv_pool, table, stream_lens, scale, scores_pool):
+def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
     """A prefill chunk of one request: query [Q, Hq, D] (its last Q slots in every stream),
     table [H, max_blocks], stream_lens [H] -> [Q, Hq, D]."""
     num_queries, num_q_heads, head_dim = query.shape
     num_kv_heads = table.shape[0]
     group = num_q_heads // num_kv_heads
-    slots, keys, values = _read_streams(kv_pool, table, stream_lens)   # [H, T], [H, T, D]
+    slots, keys, values = _read_streams(pools, table, stream_lens)     # [H, T], [H, T, D]
     live = torch.arange(slots.shape[-1], device=query.device) < stream_lens[:, None]
     # SDPA adds the mask to q.k, so a NaN in an unwritten key would survive the mask.
     keys.masked_fill_(~live[..., None], 0.0)
@@ -138,18 +140,20 @@ def _add_scores(scores_pool, slots, live, mass):
                                     torch.where(live, mass, 0.0).flatten())
 
 
-def _read_streams(kv_pool: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor):
-    """Whole head-blocks of the streams, keys and values in one copy: flat slot ids
-    [..., T] and keys, values [..., T, D] float32, T = blocks * block_size."""
-    block_size, head_dim = kv_pool.shape[2], kv_pool.shape[3]
+def _read_streams(pools: tuple[torch.Tensor, torch.Tensor], tables: torch.Tensor,
+                  lengths: torch.Tensor):
+    """Whole head-blocks of the streams: flat slot ids [..., T] and keys, values
+    [..., T, D] float32, T = blocks * block_size."""
+    key_pool, value_pool = pools
+    block_size, head_dim = key_pool.shape[1], key_pool.shape[2]
     num_blocks = -(-int(lengths.max()) // block_size) if lengths.numel() else 0
     stream_blocks = (lengths + block_size - 1) // block_size
     used = torch.arange(num_blocks, device=tables.device) < stream_blocks[..., None]
     blocks = torch.where(used, tables[..., :num_blocks].long(), 0)             # [..., B]
     slots = (blocks[..., None] * block_size + torch.arange(block_size, device=tables.device))
-    kv = kv_pool[blocks].float()                                               # [..., B, 2, bs, D]
-    kv = kv.movedim(-3, 0).reshape(2, *blocks.shape[:-1], num_blocks * block_size, head_dim)
-    return slots.flatten(-2), kv[0], kv[1]
+    shape = (*blocks.shape[:-1], num_blocks * block_size, head_dim)
+    return (slots.flatten(-2), key_pool[blocks].float().reshape(shape),
+            value_pool[blocks].float().reshape(shape))
 
 
 def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -21,23 +21,23 @@ MIN_ROWS = 16
 
 
 @triton.jit
-def _block_logits(q, kv_ptr, table_row, b, dims, dim_ok, kv_s_block, kv_s_slot, kv_s_dim,
+def _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block, k_s_slot, k_s_dim,
                   scale, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
-    """Logits [ROWS, BLOCK_SIZE] of the rows against head-block b, and its key pointers."""
+    """Logits [ROWS, BLOCK_SIZE] of the rows against head-block b, and its id."""
     head_block = tl.load(table_row + b).to(tl.int64)
-    kv_base = (kv_ptr + head_block * kv_s_block
-               + tl.arange(0, BLOCK_SIZE)[:, None] * kv_s_slot + dims[None, :] * kv_s_dim)
-    keys = tl.load(kv_base, mask=dim_ok[None, :], other=0.0)
+    keys = tl.load(k_pool_ptr + head_block * k_s_block
+                   + tl.arange(0, BLOCK_SIZE)[:, None] * k_s_slot + dims[None, :] * k_s_dim,
+                   mask=dim_ok[None, :], other=0.0)
     logits = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-    return logits, kv_base, head_block
+    return logits, head_block
 
 
 @triton.jit
 def _paged_attention_kernel(
-        q_ptr, kv_ptr, table_ptr, len_ptr, req_slot_ptr, qsl_ptr, out_ptr, score_ptr,
-        scale, head_dim,
+        q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, len_ptr, req_slot_ptr, qsl_ptr, out_ptr,
+        score_ptr, scale, head_dim,
         q_s_tok, q_s_head, out_s_tok, out_s_head,
-        kv_s_block, kv_s_kv, kv_s_slot, kv_s_dim,
+        k_s_block, k_s_slot, k_s_dim, v_s_block, v_s_slot, v_s_dim,
         table_s_req, table_s_head, len_s_req, len_s_head, score_s_block, score_s_slot,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, EMIT: tl.constexpr,
@@ -58,7 +58,7 @@ def _paged_attention_kernel(
     dim_ok = dims < head_dim
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * q_s_tok + q_head[:, None] * q_s_head
                 + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    q = q.to(kv_ptr.dtype.element_ty)
+    q = q.to(k_pool_ptr.dtype.element_ty)
     # The tile's last query bounds the keys it reads; empty tiles read none.
     tile_end = tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)
     kv_end = tl.where(tile * BLOCK_Q < q_len, length - q_len + tile_end, 0)
@@ -68,8 +68,8 @@ def _paged_attention_kernel(
     row_sum = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for b in range(0, num_blocks):
-        logits, kv_base, _ = _block_logits(q, kv_ptr, table_row, b, dims, dim_ok, kv_s_block,
-                                           kv_s_slot, kv_s_dim, scale, BLOCK_SIZE, PRECISION)
+        logits, head_block = _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block,
+                                           k_s_slot, k_s_dim, scale, BLOCK_SIZE, PRECISION)
         slots = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         allowed = row_ok[:, None] & (slots[None, :] <= row_pos[:, None])
         logits = tl.where(allowed, logits, float("-inf"))
@@ -79,8 +79,9 @@ def _paged_attention_kernel(
         rescale = tl.exp(row_max - safe_max)
         row_sum = row_sum * rescale + tl.sum(probs, 1)
         # Unwritten slots may hold anything (NaN too): 0 * NaN would poison the sum.
-        values = tl.load(kv_base + kv_s_kv, mask=(slots < length)[:, None] & dim_ok[None, :],
-                         other=0.0)
+        values = tl.load(v_pool_ptr + head_block * v_s_block
+                         + tl.arange(0, BLOCK_SIZE)[:, None] * v_s_slot + dims[None, :] * v_s_dim,
+                         mask=(slots < length)[:, None] & dim_ok[None, :], other=0.0)
         acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values,
                                               input_precision=PRECISION)
         row_max = new_max
@@ -94,9 +95,9 @@ def _paged_attention_kernel(
     if EMIT:
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         for b in range(0, num_blocks):
-            logits, _, head_block = _block_logits(q, kv_ptr, table_row, b, dims, dim_ok,
-                                                  kv_s_block, kv_s_slot, kv_s_dim, scale,
-                                                  BLOCK_SIZE, PRECISION)
+            logits, head_block = _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok,
+                                               k_s_block, k_s_slot, k_s_dim, scale,
+                                               BLOCK_SIZE, PRECISION)
             slots = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
             allowed = row_ok[:, None] & (slots[None, :] <= row_pos[:, None])
             probs = tl.where(allowed, tl.exp(logits - safe_max[:, None]) / safe_sum[:, None], 0.0)
@@ -105,9 +106,9 @@ def _paged_attention_kernel(
                           tl.sum(probs, 0), mask=slots < length)
 
 
-def paged_attention_triton(query: torch.Tensor, kv_pool: torch.Tensor,
-                           block_tables: torch.Tensor, lengths: torch.Tensor,
-                           request_slots: torch.Tensor, query_start_loc: torch.Tensor,
+def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
+                           value_pool: torch.Tensor, block_tables: torch.Tensor,
+                           lengths: torch.Tensor, request_slots: torch.Tensor, query_start_loc: torch.Tensor,
                            scale: float, scores_pool: torch.Tensor | None,
                            max_query_len: int | None) -> torch.Tensor:
     """Same contract as `paged_attention`."""
@@ -125,18 +126,19 @@ def paged_attention_triton(query: torch.Tensor, kv_pool: torch.Tensor,
     rows = max(MIN_ROWS, triton.next_power_of_2(block_q * group))
     query = query if query.stride(2) == 1 else query.contiguous()
     assert block_tables.stride(2) == 1, "block table rows must be contiguous"
-    if kv_pool.shape[2] < MIN_ROWS:
-        raise ValueError(f"block_size={kv_pool.shape[2]}: the Triton kernel needs >= {MIN_ROWS}")
+    block_size = key_pool.shape[1]
+    if block_size < MIN_ROWS:
+        raise ValueError(f"block_size={block_size}: the Triton kernel needs >= {MIN_ROWS}")
     emit = scores_pool is not None
     score_strides = scores_pool.stride() if emit else (0, 0)
     grid = (num_requests, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
-        query, kv_pool, block_tables, lengths, request_slots, query_start_loc, output,
-        scores_pool if emit else output, scale, head_dim,
+        query, key_pool, value_pool, block_tables, lengths, request_slots, query_start_loc,
+        output, scores_pool if emit else output, scale, head_dim,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
-        *kv_pool.stride(), block_tables.stride(0), block_tables.stride(1),
+        *key_pool.stride(), *value_pool.stride(), block_tables.stride(0), block_tables.stride(1),
         lengths.stride(0), lengths.stride(1), *score_strides,
-        GROUP=group, BLOCK_Q=block_q, ROWS=rows, BLOCK_SIZE=kv_pool.shape[2],
+        GROUP=group, BLOCK_Q=block_q, ROWS=rows, BLOCK_SIZE=block_size,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), EMIT=emit,
-        PRECISION="ieee" if kv_pool.dtype == torch.float32 else "tf32")
+        PRECISION="ieee" if key_pool.dtype == torch.float32 else "tf32")
     return output

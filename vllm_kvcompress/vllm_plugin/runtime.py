@@ -9,6 +9,7 @@ the per-head tables and compresses the layer's streams that are due.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,13 @@ from vllm_kvcompress.cache.paged_stream_cache import PagedStreamCache
 from vllm_kvcompress.cache.query_window import QueryWindow, WindowWrites
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.kernels.dispatch import IMPL_ENV
 from vllm_kvcompress.policies import Policy, StreamBatch, make_policy
+from vllm_kvcompress.vllm_plugin.cpu_attention import (
+    NativeCPUAttention,
+    head_block_pools,
+    native_attention_supported,
+)
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import schedule_for
 from vllm_kvcompress.vllm_plugin.metrics import CompressionMetrics
 from vllm_kvcompress.vllm_plugin.request_settings import (
@@ -62,7 +69,8 @@ class StepPlan:
     """The attention metadata of one step, shared by every layer.
 
     slots [R] cache slots in batch order; query_start_loc [R + 1]; slot_ids [L, tokens, H]
-    where each layer writes its new K/V; positions [tokens] token positions.
+    where each layer writes its new K/V; positions [tokens] token positions;
+    stream_query_starts [H * R + 1] for the native kernel (None on the torch path).
     """
 
     num_tokens: int
@@ -74,6 +82,7 @@ class StepPlan:
     emit_scores: bool
     window_writes: WindowWrites | None
     groups: list[tuple[Policy, int, torch.Tensor]]
+    stream_query_starts: torch.Tensor | None
 
 
 class CompressionRuntime:
@@ -89,7 +98,15 @@ class CompressionRuntime:
         self.num_kv_heads, self.head_size, self.block_size = num_kv_heads, head_size, block_size
         max_requests = vllm_config.scheduler_config.max_num_seqs
         num_pages = kv_caches[0].shape[0]
-        pools = [kv.view(num_pages * num_kv_heads, 2, block_size, head_size) for kv in kv_caches]
+        num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+        # vLLM's CPU kernel attends unless forced off (VLLM_KVCOMPRESS_KERNELS=torch).
+        self.native = None
+        if (native_attention_supported(kv_caches[0].dtype, head_size, block_size)
+                and os.environ.get(IMPL_ENV, "auto") == "auto"):
+            self.native = NativeCPUAttention(kv_caches, num_heads, num_kv_heads, head_size,
+                                             block_size)
+        pools = [head_block_pools(kv, block_size, head_size, self.native is not None)
+                 for kv in kv_caches]
         # A request's block list may run one entry past ceil(len / block_size) (pages are
         # released and re-appended around compressions).
         max_pages = -(-self.max_model_len // block_size) + 2
@@ -97,7 +114,6 @@ class CompressionRuntime:
             self.num_layers, num_kv_heads, head_size, num_pages, max_requests, max_pages,
             block_size=block_size, dtype=kv_caches[0].dtype, device=kv_caches[0].device,
             kv_pools=pools)
-        num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         self.query_window_size = max(MIN_QUERY_WINDOW, self._policy(self.server).query_window
                                      if self.server.enabled else 0)
         self.window = QueryWindow(self.num_layers, max_requests, self.query_window_size,
@@ -208,12 +224,17 @@ class CompressionRuntime:
         if needs_window:
             window_writes = self.window.plan(slot_tensor, query_start_loc, positions)
             self.window.record_positions(window_writes, positions)
+        stream_query_starts = None
+        if self.native is not None and not emit_scores:
+            stream_query_starts = self.native.stream_query_starts(
+                query_start_loc_cpu[:num_reqs + 1], int(lens.sum()))
         return StepPlan(
             num_tokens=int(lens.sum()), slots=slot_tensor, query_start_loc=query_start_loc,
             max_query_len=max(query_lens, default=0), slot_ids=slot_ids, positions=positions,
             emit_scores=emit_scores, window_writes=window_writes,
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
-                    for g in groups.values()])
+                    for g in groups.values()],
+            stream_query_starts=stream_query_starts)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
@@ -224,9 +245,15 @@ class CompressionRuntime:
         self.cache.write(layer, plan.slot_ids[layer], key[:n], value[:n], plan.positions)
         if plan.window_writes is not None:
             self.window.record(layer, plan.window_writes, query[:n])
-        output[:n] = self.cache.attention(
-            layer, query[:n], plan.query_start_loc, plan.slots, scale,
-            emit_scores=plan.emit_scores, max_query_len=plan.max_query_len)
+        if plan.stream_query_starts is not None:
+            tables = self.cache.tables
+            output[:n] = self.native.forward(
+                layer, query[:n], tables.block_tables[layer], tables.lengths[layer], plan.slots,
+                plan.stream_query_starts, scale)
+        else:
+            output[:n] = self.cache.attention(
+                layer, query[:n], plan.query_start_loc, plan.slots, scale,
+                emit_scores=plan.emit_scores, max_query_len=plan.max_query_len)
         if not plan.groups:
             return
         started = time.perf_counter()
