@@ -181,3 +181,19 @@ def _hashed_pages(pool) -> dict:
     """{page id: its prefix-cache hash} of every page vLLM has hashed."""
     return {block.block_id: block.block_hash for block in pool.blocks
             if block.block_hash is not None}
+
+
+def test_prompts_near_max_model_len_with_prefix_caching(model_dir, tokenizer):
+    """The first compression of a shared-prefix request holds its full prompt pages and the
+    compressed bound at once: near max_model_len that is more pages than the context has,
+    and vLLM's worker block table must have room for them."""
+    prompt = prompt_of_length(tokenizer, 1000, seed=11)
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                             extra_args={"budget": budget}) for budget in (256, 256, 900)]
+    with started_llm(model_dir, max_model_len=1024,
+                     additional_config={"kv_policy": "snapkv", "budget": 256}) as llm:
+        stats = run(llm, [prompt] * 3, params)
+        pool = block_pool(llm)
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    assert all(len(tokens) == 24 for tokens in stats.outputs.values())
+    assert len(stats.outputs) == 3 and stats.cached_tokens["r1"] >= 900

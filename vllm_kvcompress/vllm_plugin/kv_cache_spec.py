@@ -38,6 +38,12 @@ from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
 class CompressedAttentionSpec(FullAttentionSpec):
     """Full attention whose pages hold per-head compressed streams (private, unhashable)."""
 
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        # The width of the worker's block table. A request's block list only grows (released
+        # entries turn null), and a first compression with prefix caching holds the full
+        # prompt pages and the compressed bound at once: up to twice the context's pages.
+        return max_block_entries(max_len, self.block_size)
+
 
 class CompressedAttentionManager(FullAttentionManager):
     """Allocates and frees a request's pages by its CompressionSchedule.
@@ -134,6 +140,13 @@ class CompressedAttentionManager(FullAttentionManager):
         self._step.pop(request_id, None)
         self._compressed_at.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
+
+
+def max_block_entries(max_len: int, block_size: int) -> int:
+    """Entries a compressed request's block list can reach: its context's pages twice (full
+    pages kept for the prefix cache + the compressed copy), plus the one entry past
+    ceil(tokens / block_size) that releases and re-appends around compressions leave."""
+    return 2 * (-(-max_len // block_size)) + 2
 
 
 def release_leading_pages(blocks: list, count: int, null_block, block_pool) -> int:

@@ -27,7 +27,7 @@ from vllm_kvcompress.vllm_plugin.cpu_attention import (
     head_block_pools,
     native_attention_supported,
 )
-from vllm_kvcompress.vllm_plugin.kv_cache_spec import schedule_for
+from vllm_kvcompress.vllm_plugin.kv_cache_spec import max_block_entries, schedule_for
 from vllm_kvcompress.vllm_plugin.metrics import CompressionMetrics
 from vllm_kvcompress.vllm_plugin.request_settings import (
     resolve_request_settings,
@@ -107,13 +107,13 @@ class CompressionRuntime:
                                              block_size)
         pools = [head_block_pools(kv, block_size, head_size, self.native is not None)
                  for kv in kv_caches]
-        # A request's block list may run one entry past ceil(len / block_size) (pages are
-        # released and re-appended around compressions).
-        max_pages = -(-self.max_model_len // block_size) + 2
+        # A stream never holds more than its request's tokens, plus the one head-block past
+        # ceil(len / block_size) that releases and re-appends leave.
         self.cache = PagedStreamCache(
-            self.num_layers, num_kv_heads, head_size, num_pages, max_requests, max_pages,
-            block_size=block_size, dtype=kv_caches[0].dtype, device=kv_caches[0].device,
-            kv_pools=pools)
+            self.num_layers, num_kv_heads, head_size, num_pages, max_requests,
+            max_block_entries(self.max_model_len, block_size), block_size=block_size,
+            dtype=kv_caches[0].dtype, device=kv_caches[0].device, kv_pools=pools,
+            max_blocks_per_stream=-(-self.max_model_len // block_size) + 2)
         self.query_window_size = max(MIN_QUERY_WINDOW, self._policy(self.server).query_window
                                      if self.server.enabled else 0)
         self.window = QueryWindow(self.num_layers, max_requests, self.query_window_size,
