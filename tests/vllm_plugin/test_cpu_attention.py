@@ -79,11 +79,10 @@ def test_native_kernel_equals_torch_reference(dtype, tol):
     assert (lengths != lengths[..., :1]).any(), "heads should hold different lengths"
     native = NativeCPUAttention(kv_caches, HEADS * GROUP, HEADS, DIM, BLOCK)
     num_tokens = int(query_start_loc[-1])
-    starts = native.stream_query_starts(query_start_loc, num_tokens)
+    step = native.plan(query_start_loc, cache.tables.block_tables, cache.tables.lengths, slots)
     for layer in range(LAYERS):
         query = torch.randn(num_tokens, HEADS * GROUP, DIM, generator=gen).to(dtype)
-        got = native.forward(layer, query, cache.tables.block_tables[layer],
-                             cache.tables.lengths[layer], slots, starts, DIM ** -0.5)
+        got = native.forward(layer, query, step, DIM ** -0.5)
         want = cache.attention(layer, query, query_start_loc, slots, DIM ** -0.5)
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)

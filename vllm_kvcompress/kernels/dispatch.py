@@ -28,12 +28,18 @@ def triton_available() -> bool:
     return True
 
 
-def use_triton(tensor: torch.Tensor, impl: str | None = None) -> bool:
-    """True when the op should run its Triton kernel on `tensor`'s device."""
+def requested_impl(impl: str | None = None) -> str:
+    """The implementation asked for: `impl`, else VLLM_KVCOMPRESS_KERNELS, else "auto"."""
     choice = impl or os.environ.get(IMPL_ENV, "auto")
     if choice not in IMPLS:
         raise ValueError(f"kernel implementation {choice!r} (from impl= or {IMPL_ENV}) "
                          f"is not one of {', '.join(IMPLS)}")
+    return choice
+
+
+def use_triton(tensor: torch.Tensor, impl: str | None = None) -> bool:
+    """True when the op should run its Triton kernel on `tensor`'s device."""
+    choice = requested_impl(impl)
     if choice == "torch":
         return False
     if choice == "auto":

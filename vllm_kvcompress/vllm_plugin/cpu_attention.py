@@ -13,6 +13,7 @@ attention policies), reading the same transposed keys through a strided view.
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 
 import torch
 import vllm.envs as envs
@@ -42,6 +43,18 @@ def head_block_pools(kv_cache: torch.Tensor, block_size: int, head_size: int,
     return keys, values
 
 
+@dataclass
+class NativeStep:
+    """The kernel's view of one step's R requests as H * R streams, KV-head-major (stream
+    (h, r) is row h * R + r): query_starts [H * R + 1] int32 offsets into the head-major
+    query (see `NativeCPUAttention.forward`); seq_lens [L, H * R] int32 and block_tables
+    [L, H * R, max_blocks] int32 per layer."""
+
+    query_starts: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+
+
 class NativeCPUAttention:
     """Attention of one step's queries over per-head streams with vLLM's CPU kernel.
 
@@ -58,40 +71,44 @@ class NativeCPUAttention:
         self.caches = [kv.view(-1, 1, 2 * block_size, head_size).chunk(2, dim=2)
                        for kv in kv_caches]
 
-    def stream_query_starts(self, query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """Query offsets [H * R + 1] int32 of the streams, KV-head-major: stream (h, r) reads
-        rows h * tokens + qsl[r] .. of the head-major query (see `forward`)."""
+    def plan(self, query_start_loc: torch.Tensor, block_tables: torch.Tensor,
+             lengths: torch.Tensor, request_slots: torch.Tensor) -> NativeStep:
+        """Once per step, after the step's tokens were appended: query_start_loc [R + 1]
+        (host), the cache's block_tables [L, S, H, max_blocks] and lengths [L, S, H],
+        request_slots [R]. Compressing a layer later in the step changes only that layer's
+        tables, after it attended."""
+        num_tokens = int(query_start_loc[-1])
         heads = torch.arange(self.num_kv_heads, dtype=torch.int32)[:, None] * num_tokens
         starts = (heads + query_start_loc[None, :-1].to(torch.int32)).flatten()
-        return torch.cat([starts, torch.tensor([self.num_kv_heads * num_tokens],
-                                               dtype=torch.int32)])
+        query_starts = torch.cat([starts, torch.tensor([self.num_kv_heads * num_tokens],
+                                                       dtype=torch.int32)])
+        num_layers, max_blocks = block_tables.shape[0], block_tables.shape[-1]
+        return NativeStep(
+            query_starts=query_starts,
+            seq_lens=lengths[:, request_slots].transpose(1, 2).reshape(num_layers, -1),
+            block_tables=block_tables[:, request_slots].transpose(1, 2).reshape(
+                num_layers, -1, max_blocks))
 
-    def forward(self, layer: int, query: torch.Tensor, block_tables: torch.Tensor,
-                lengths: torch.Tensor, request_slots: torch.Tensor,
-                stream_query_starts: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(self, layer: int, query: torch.Tensor, step: NativeStep,
+                scale: float) -> torch.Tensor:
         """Attention [tokens, Hq, D] of this step's queries [tokens, Hq, D] (request-major,
-        each request's queries the last ones of its streams).
-
-        block_tables [S, H, max_blocks] int32 and lengths [S, H] int32: the layer's stream
-        tables; request_slots [R]; stream_query_starts from `stream_query_starts`.
-        """
+        each request's queries the last ones of its streams)."""
         num_tokens = query.shape[0]
         heads, group, dim = self.num_kv_heads, self.group, self.head_size
         stream_query = (query.view(num_tokens, heads, group, dim).transpose(0, 1)
                         .contiguous().view(heads * num_tokens, group, dim))
-        seq_lens = lengths[request_slots].t().contiguous().view(-1)
-        tables = block_tables[request_slots].transpose(0, 1).reshape(-1, block_tables.shape[-1])
+        seq_lens = step.seq_lens[layer]
         metadata = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=len(seq_lens), num_heads=group, num_kv_heads=1, head_dim=dim,
-            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=stream_query_starts,
+            seq_lens=seq_lens, dtype=self.dtype, query_start_loc=step.query_starts,
             causal=True, sliding_window_size=-1, isa=ISA,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV)
         key_cache, value_cache = self.caches[layer]
         output = torch.empty_like(stream_query)
         ops.cpu_attention_with_kv_cache(
             query=stream_query, key_cache=key_cache, value_cache=value_cache, output=output,
-            query_start_loc=stream_query_starts, seq_lens=seq_lens, scale=scale, causal=True,
-            alibi_slopes=None, sliding_window=-1, block_table=tables, softcap=0.0,
-            scheduler_metadata=metadata, s_aux=None)
+            query_start_loc=step.query_starts, seq_lens=seq_lens, scale=scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=step.block_tables[layer],
+            softcap=0.0, scheduler_metadata=metadata, s_aux=None)
         return output.view(heads, num_tokens, group, dim).transpose(0, 1).reshape(
             num_tokens, heads * group, dim)

@@ -9,7 +9,6 @@ the per-head tables and compresses the layer's streams that are due.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -20,10 +19,11 @@ from vllm_kvcompress.cache.paged_stream_cache import PagedStreamCache
 from vllm_kvcompress.cache.query_window import QueryWindow, WindowWrites
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.kernels.dispatch import IMPL_ENV
+from vllm_kvcompress.kernels.dispatch import requested_impl
 from vllm_kvcompress.policies import Policy, StreamBatch, make_policy
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
+    NativeStep,
     head_block_pools,
     native_attention_supported,
 )
@@ -69,8 +69,8 @@ class StepPlan:
     """The attention metadata of one step, shared by every layer.
 
     slots [R] cache slots in batch order; query_start_loc [R + 1]; slot_ids [L, tokens, H]
-    where each layer writes its new K/V; positions [tokens] token positions;
-    stream_query_starts [H * R + 1] for the native kernel (None on the torch path).
+    where each layer writes its new K/V; positions [tokens] token positions; native: the
+    step's streams for vLLM's CPU kernel (None on the torch path).
     """
 
     num_tokens: int
@@ -82,7 +82,7 @@ class StepPlan:
     emit_scores: bool
     window_writes: WindowWrites | None
     groups: list[tuple[Policy, int, torch.Tensor]]
-    stream_query_starts: torch.Tensor | None
+    native: NativeStep | None
 
 
 class CompressionRuntime:
@@ -102,7 +102,7 @@ class CompressionRuntime:
         # vLLM's CPU kernel attends unless forced off (VLLM_KVCOMPRESS_KERNELS=torch).
         self.native = None
         if (native_attention_supported(kv_caches[0].dtype, head_size, block_size)
-                and os.environ.get(IMPL_ENV, "auto") == "auto"):
+                and requested_impl() == "auto"):
             self.native = NativeCPUAttention(kv_caches, num_heads, num_kv_heads, head_size,
                                              block_size)
         pools = [head_block_pools(kv, block_size, head_size, self.native is not None)
@@ -224,17 +224,18 @@ class CompressionRuntime:
         if needs_window:
             window_writes = self.window.plan(slot_tensor, query_start_loc, positions)
             self.window.record_positions(window_writes, positions)
-        stream_query_starts = None
+        native = None
         if self.native is not None and not emit_scores:
-            stream_query_starts = self.native.stream_query_starts(
-                query_start_loc_cpu[:num_reqs + 1], int(lens.sum()))
+            native = self.native.plan(query_start_loc_cpu[:num_reqs + 1],
+                                      self.cache.tables.block_tables, self.cache.tables.lengths,
+                                      slot_tensor)
         return StepPlan(
             num_tokens=int(lens.sum()), slots=slot_tensor, query_start_loc=query_start_loc,
             max_query_len=max(query_lens, default=0), slot_ids=slot_ids, positions=positions,
             emit_scores=emit_scores, window_writes=window_writes,
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
-            stream_query_starts=stream_query_starts)
+            native=native)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
@@ -245,11 +246,8 @@ class CompressionRuntime:
         self.cache.write(layer, plan.slot_ids[layer], key[:n], value[:n], plan.positions)
         if plan.window_writes is not None:
             self.window.record(layer, plan.window_writes, query[:n])
-        if plan.stream_query_starts is not None:
-            tables = self.cache.tables
-            output[:n] = self.native.forward(
-                layer, query[:n], tables.block_tables[layer], tables.lengths[layer], plan.slots,
-                plan.stream_query_starts, scale)
+        if plan.native is not None:
+            output[:n] = self.native.forward(layer, query[:n], plan.native, scale)
         else:
             output[:n] = self.cache.attention(
                 layer, query[:n], plan.query_start_loc, plan.slots, scale,
