@@ -25,11 +25,12 @@ class StubServer(HTTPServer):
 
     def __init__(self):
         self.bodies: list[dict] = []
+        self.max_model_len = 16
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
-                self._reply({"data": [{"id": "stub-model"}]})
+                self._reply({"data": [{"id": "stub-model", "max_model_len": server.max_model_len}]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -83,6 +84,16 @@ def test_never_sends_settings_and_takes_one_label(stub):
     assert "vllm_xargs" not in stub.bodies[0]
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(runner, [SAMPLE], [Setting(), Setting("snapkv", 64)])
+
+
+def test_refuses_prompts_that_leave_no_room_for_the_answer(stub):
+    # vLLM would cut max_tokens to the context left and the truncated answer would score 0.
+    stub.max_model_len = SAMPLE.num_tokens + SAMPLE.max_new_tokens - 1
+    with pytest.raises(ValueError, match="max_model_len 8; use --lengths of at most 4"):
+        evaluate(EndpointRunner(stub.url), [SAMPLE], [Setting()])
+    assert stub.bodies == []
+    stub.max_model_len += 1
+    assert [r.score for r in evaluate(EndpointRunner(stub.url), [SAMPLE], [Setting()])] == [1.0]
 
 
 def test_real_vllm_serve_with_policy_none_answers_like_the_reference_runner(

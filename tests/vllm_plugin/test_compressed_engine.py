@@ -105,7 +105,8 @@ def test_per_request_overrides_and_bad_values(model_dir, prompts):
         assert policies == {"ems", "streaming", "snapkv"}
         for extra, expected in [({"budget": 0}, "budget"), ({"kv_policy": "lru"}, "kv_policy"),
                                 ({"budget": 100000}, "max_model_len"),
-                                ({"kv_policy": "mikv"}, "not implemented inside vLLM")]:
+                                # the server keeps ems's 32 window queries per request
+                                ({"kv_window": 64}, "kv_window=64")]:
             with pytest.raises(VLLMValidationError, match=expected):
                 llm.generate(["hello"], SamplingParams(max_tokens=2, extra_args=extra),
                              use_tqdm=False)
@@ -128,6 +129,33 @@ def test_scheduler_releases_pages_after_prefill(model_dir, tokenizer):
     block_size = 32
     assert max(live) >= 2000 // block_size        # the whole prompt during prefill
     assert 0 < min(p for p in live if p) <= (128 + 16 + block_size) // block_size + 1
+
+
+def test_chunked_prefill_mode_compresses_between_chunks(model_dir, tokenizer):
+    """--kv-prefill-mode chunked: a prompt prefilled in vLLM's chunks is compressed after
+    each chunk, so it never holds its whole prompt; policies of every signal kind (window
+    queries, accumulated attention, D2O's layer densities) finish and every page returns."""
+    prompt = prompt_of_length(tokenizer, 2000, seed=11)
+    config = {"kv_policy": "snapkv", "budget": 128, "kv_prefill_mode": "chunked"}
+    finished, most_pages = {}, 0
+    with started_llm(model_dir, max_num_batched_tokens=256, additional_config=config) as llm:
+        engine = llm.llm_engine
+        for policy in ("snapkv", "h2o", "d2o"):
+            engine.add_request(policy, {"prompt_token_ids": prompt}, SamplingParams(
+                max_tokens=8, temperature=0, ignore_eos=True, extra_args={"kv_policy": policy}))
+        manager = scheduler(llm).compressed_manager
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = len(output.outputs[0].token_ids)
+            snapkv = [r for r in manager.req_to_blocks if r.startswith("snapkv")]
+            if snapkv:
+                most_pages = max(most_pages, manager.num_live_pages(snapkv[0]))
+        pool = block_pool(llm)
+        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    assert finished == {"snapkv": 8, "h2o": 8, "d2o": 8}
+    # At most budget + interval - 1 kept tokens and one 256-token chunk, in 32-token pages.
+    assert most_pages <= -(-(128 + 16 - 1 + 256 + 31) // 32) < 2000 // 32
 
 
 def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, tokenizer):

@@ -134,11 +134,6 @@ def test_prefix_caching_with_chunked_prefill_mode(model_dir):
     assert "--enable-prefix-caching with --kv-prefill-mode chunked" in message
 
 
-def test_not_yet_servable_policy_fails_at_start_up(model_dir):
-    message = cli_error("--model", str(model_dir), "--kv-policy", "mikv", "--budget", "64")
-    assert "--kv-policy=mikv" in message and "not implemented inside vLLM yet" in message
-
-
 def test_offline_additional_config_is_validated_before_the_engine_starts(model_dir):
     for bad, expected in [
         ({"kv_policy": "lru"}, "--kv-policy='lru'"),

@@ -74,7 +74,7 @@ def test_compressed_requests_answer_and_show_on_metrics(server, prompts):
     ({"budget": "many"}, "budget"),
     ({"kv_policy": "fifo"}, "kv_policy"),
     ({"budget": 99999}, "max_model_len"),
-    ({"kv_policy": "mikv"}, "not implemented inside vLLM"),
+    ({"kv_window": 64}, "allowed: 0 to 32"),
 ])
 def test_bad_request_settings_are_http_400(server, extra, expected):
     with pytest.raises(urllib.error.HTTPError) as excinfo:

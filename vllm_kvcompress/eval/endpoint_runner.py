@@ -32,6 +32,20 @@ def vllm_xargs(setting: Setting) -> dict[str, Any]:
     return {key: value for key, value in setting.plugin_settings().items() if key in REQUEST_KEYS}
 
 
+def check_room_for_answers(samples: Sequence[Sample], max_model_len: int | None) -> None:
+    """Refuse samples whose prompt and answer do not fit the server's context: vLLM cuts
+    max_tokens to what is left, which would score truncated answers as wrong."""
+    if max_model_len is None:
+        return
+    for sample in samples:
+        if sample.num_tokens + sample.max_new_tokens > max_model_len:
+            raise ValueError(
+                f"{sample.task} at length {sample.target_length}: {sample.num_tokens} prompt "
+                f"tokens + {sample.max_new_tokens} answer tokens exceed the server's "
+                f"max_model_len {max_model_len}; use --lengths of at most "
+                f"{max_model_len - sample.max_new_tokens} or a larger --max-model-len")
+
+
 class EndpointRunner:
     """url: the server's base URL (without /v1). model: the served model name (None =
     the first one /v1/models lists). concurrency: requests in flight at once."""
@@ -50,7 +64,8 @@ class EndpointRunner:
             on_answer: Callable[[Sample, Setting, str], None]) -> None:
         if self.xargs == "never" and len(settings) != 1:
             raise ValueError("with xargs=never the server decides the setting: give exactly one")
-        model = self.model or self.served_model()
+        model, max_model_len = self.served_model()
+        check_room_for_answers(samples, max_model_len)
         jobs = [(sample, setting) for setting in settings for sample in samples]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             futures = {pool.submit(self.complete, model, sample, setting): (sample, setting)
@@ -66,8 +81,13 @@ class EndpointRunner:
             body["vllm_xargs"] = vllm_xargs(setting)
         return self._request("/v1/completions", body)["choices"][0]["text"]
 
-    def served_model(self) -> str:
-        return self._request("/v1/models")["data"][0]["id"]
+    def served_model(self) -> tuple[str, int | None]:
+        """The model to ask (self.model or the first one listed) and its max_model_len
+        as /v1/models reports it (vLLM does; None when the server does not say)."""
+        models = self._request("/v1/models")["data"]
+        entry = next((m for m in models if m["id"] == self.model), None) if self.model else models[0]
+        model = self.model or entry["id"]
+        return model, (entry or {}).get("max_model_len")
 
     def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()

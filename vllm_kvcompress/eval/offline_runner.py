@@ -1,8 +1,7 @@
 """Answer samples with offline vLLM (`vllm.LLM`), one engine per setting.
 
 Settings reach the engine as `additional_config` (the plugin's keys), so this measures
-the plugin inside vLLM. Today only policy "none" starts; the others stop at start-up
-with "not implemented inside vLLM yet" until the integration lands.
+the plugin inside vLLM.
 """
 
 from __future__ import annotations

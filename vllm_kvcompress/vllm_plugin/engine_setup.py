@@ -14,11 +14,6 @@ from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 
 logger = init_logger(__name__)
 
-# Policies the vLLM integration can run; the others exist as pure tensor code only.
-SERVABLE_POLICIES: frozenset[str] = frozenset({
-    "streaming", "h2o", "snapkv", "pyramidkv", "adakv", "ems",
-})
-
 # Tokens per head-block and per page: small enough that a 256-token budget wastes at most
 # one partly filled block in eight, a multiple of 32 as vLLM's CPU kernels expect.
 BLOCK_SIZE = 32
@@ -30,23 +25,9 @@ WORKER_CLS = {
 }
 
 
-class PolicyNotServableError(KVCompressConfigError, NotImplementedError):
-    """The policy is known but not implemented inside vLLM yet."""
-
-
-def check_servable(settings: KVCompressConfig) -> None:
-    if settings.enabled and settings.kv_policy not in SERVABLE_POLICIES:
-        servable = ", ".join(["none", *sorted(SERVABLE_POLICIES)])
-        raise PolicyNotServableError(
-            f"--kv-policy={settings.kv_policy}: not implemented inside vLLM yet "
-            f"(available now: {servable})"
-        )
-
-
 def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig,
                        prefix_caching_requested: bool | None = None) -> None:
     """Point vLLM at our scheduler and worker; refuse combinations we cannot run."""
-    check_servable(settings)
     chunked = settings.kv_prefill_mode == "chunked"
     _refuse_unsupported(vllm_config, prefix_caching_requested and chunked)
     cache_config = vllm_config.cache_config

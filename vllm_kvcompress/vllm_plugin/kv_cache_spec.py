@@ -30,8 +30,9 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.policies import Policy, make_policy
+from vllm_kvcompress.policies import Policy
 from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
+from vllm_kvcompress.vllm_plugin.request_settings import policy_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,8 +199,7 @@ def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
     if not settings.enabled:
         return None
     if policy is None:
-        policy = make_policy(settings.kv_policy, window=settings.kv_window,
-                             sinks=settings.kv_sinks, **settings.kv_policy_args)
+        policy = policy_for(settings)
     return CompressionSchedule(
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,

@@ -11,10 +11,25 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
-from vllm_kvcompress.vllm_plugin.engine_setup import check_servable
+from vllm_kvcompress.policies import Policy, make_policy
 
 # Keys a request may override; the rest (interval, prefill mode, sinks) are per server.
 REQUEST_KEYS = ("kv_policy", "budget", "kv_window")
+
+# Queries the workers keep per request and layer (observation window) at the least, so
+# requests can pick a policy with a window of that size on any server.
+MIN_QUERY_WINDOW = 32
+
+
+def policy_for(settings: KVCompressConfig) -> Policy:
+    return make_policy(settings.kv_policy, window=settings.kv_window, sinks=settings.kv_sinks,
+                       **settings.kv_policy_args)
+
+
+def server_query_window(server: KVCompressConfig) -> int:
+    """Window queries the workers keep per request and layer: the server policy's window,
+    at least MIN_QUERY_WINDOW."""
+    return max(MIN_QUERY_WINDOW, policy_for(server).query_window if server.enabled else 0)
 
 
 def server_settings(vllm_config) -> KVCompressConfig:
@@ -37,7 +52,11 @@ def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any
             "server (start it with --kv-policy <policy>)"
         )
     settings = KVCompressConfig.from_dict({**server.model_dump(), **overrides})
-    check_servable(settings)
     settings.check_max_model_len(max_model_len)
+    window, kept = policy_for(settings).query_window, server_query_window(server)
+    if window > kept:
+        raise KVCompressConfigError(
+            f"kv_window={window}: this server keeps the last {kept} queries per request "
+            f"(allowed: 0 to {kept}; start it with --kv-window {window} for more)")
     return settings
 

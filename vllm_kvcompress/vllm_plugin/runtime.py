@@ -20,7 +20,8 @@ from vllm_kvcompress.cache.query_window import QueryWindow, WindowWrites
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.kernels.dispatch import requested_impl
-from vllm_kvcompress.policies import Policy, StreamBatch, make_policy
+from vllm_kvcompress.policies import Policy, StreamBatch
+from vllm_kvcompress.policies.budgets import attention_density
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
     NativeStep,
@@ -30,14 +31,13 @@ from vllm_kvcompress.vllm_plugin.cpu_attention import (
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import max_block_entries, schedule_for
 from vllm_kvcompress.vllm_plugin.metrics import CompressionMetrics
 from vllm_kvcompress.vllm_plugin.request_settings import (
+    policy_for,
     resolve_request_settings,
+    server_query_window,
     server_settings,
 )
 
 logger = init_logger(__name__)
-
-# Observation windows (queries kept per request and layer) never need more than this.
-MIN_QUERY_WINDOW = 32
 
 
 @dataclass
@@ -53,6 +53,9 @@ class RequestStreams:
     block_entries_seen: int = 0
     last_compressed_at: int = 0
     num_tokens: int = 0
+    # [num_layers] D2O's attention density of each layer at the end of the prompt (at
+    # the first compression in chunked prefill mode).
+    layer_densities: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,7 +73,11 @@ class StepPlan:
 
     slots [R] cache slots in batch order; query_start_loc [R + 1]; slot_ids [L, tokens, H]
     where each layer writes its new K/V; positions [tokens] token positions; native: the
-    step's streams for vLLM's CPU kernel (None on the torch path).
+    step's streams for vLLM's CPU kernel (None on the torch path); density_requests: the
+    requests whose policy needs layer densities and whose prompt completes (or first
+    compression comes) in this step.
+    Groups whose policy needs layer densities compress every layer after the last one
+    attended (layer 0's budget depends on every layer's density).
     """
 
     num_tokens: int
@@ -83,6 +90,7 @@ class StepPlan:
     window_writes: WindowWrites | None
     groups: list[tuple[Policy, int, torch.Tensor]]
     native: NativeStep | None
+    density_requests: list[RequestStreams] = field(default_factory=list)
 
 
 class CompressionRuntime:
@@ -114,8 +122,7 @@ class CompressionRuntime:
             max_block_entries(self.max_model_len, block_size), block_size=block_size,
             dtype=kv_caches[0].dtype, device=kv_caches[0].device, kv_pools=pools,
             max_blocks_per_stream=-(-self.max_model_len // block_size) + 2)
-        self.query_window_size = max(MIN_QUERY_WINDOW, self._policy(self.server).query_window
-                                     if self.server.enabled else 0)
+        self.query_window_size = server_query_window(self.server)
         self.window = QueryWindow(self.num_layers, max_requests, self.query_window_size,
                                   num_heads, head_size, kv_caches[0].dtype, kv_caches[0].device)
         self.requests: dict[str, RequestStreams] = {}
@@ -140,9 +147,6 @@ class CompressionRuntime:
         policy = self._policy(settings) if settings.enabled else None
         schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
                                 policy)
-        if policy is not None and policy.query_window > self.query_window_size:
-            raise ValueError(f"request {req_id}: observation window {policy.query_window} "
-                             f"exceeds the server's {self.query_window_size}")
         streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
                                  prompt_len=req_state.num_prompt_tokens)
         self.requests[req_id] = streams
@@ -152,8 +156,7 @@ class CompressionRuntime:
         key = (settings.kv_policy, settings.kv_window, settings.kv_sinks,
                tuple(sorted(settings.kv_policy_args.items())))
         if key not in self._policies:
-            self._policies[key] = make_policy(settings.kv_policy, window=settings.kv_window,
-                                              sinks=settings.kv_sinks, **settings.kv_policy_args)
+            self._policies[key] = policy_for(settings)
         return self._policies[key]
 
     def _sync_pages(self, streams: RequestStreams, block_ids: list[int], num_computed: int) -> None:
@@ -181,6 +184,7 @@ class CompressionRuntime:
         slots, starts = [], []
         groups: dict[tuple, CompressionGroup] = {}
         shared_pages_to_drop: list[tuple[int, int]] = []
+        density_requests = []
         emit_scores = needs_window = False
         for req_id, query_len in zip(req_ids, query_lens):
             req_state = self.runner.requests[req_id]
@@ -199,8 +203,13 @@ class CompressionRuntime:
                 continue
             emit_scores |= streams.policy.needs_accumulated
             needs_window |= streams.policy.needs_window_queries
-            if streams.schedule.should_compress(streams.num_tokens, streams.last_compressed_at,
-                                                streams.prompt_len):
+            due = streams.schedule.should_compress(streams.num_tokens,
+                                                   streams.last_compressed_at, streams.prompt_len)
+            if (streams.policy.needs_layer_densities and streams.layer_densities is None
+                    and (due or streams.num_tokens >= streams.prompt_len)):
+                streams.layer_densities = torch.zeros(self.num_layers)
+                density_requests.append(streams)
+            if due:
                 if not streams.last_compressed_at:  # the first compression copies out
                     shared_pages_to_drop.append(
                         (streams.slot, streams.schedule.shared_pages(streams.num_tokens)))
@@ -235,7 +244,7 @@ class CompressionRuntime:
             emit_scores=emit_scores, window_writes=window_writes,
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
-            native=native)
+            native=native, density_requests=density_requests)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
@@ -252,13 +261,20 @@ class CompressionRuntime:
             output[:n] = self.cache.attention(
                 layer, query[:n], plan.query_start_loc, plan.slots, scale,
                 emit_scores=plan.emit_scores, max_query_len=plan.max_query_len)
+        if plan.density_requests:
+            self._record_densities(layer, plan.density_requests)
         if not plan.groups:
             return
         started = time.perf_counter()
+        last_layer = layer == self.num_layers - 1
         for policy, budget, slots in plan.groups:
-            self._compress(layer, policy, budget, slots, scale)
+            if not policy.needs_layer_densities:
+                self._compress(layer, policy, budget, slots, scale)
+            elif last_layer:
+                for each_layer in range(self.num_layers):
+                    self._compress(each_layer, policy, budget, slots, scale)
         # Count each compressed request once, on the last layer.
-        requests = sum(len(slots) for _, _, slots in plan.groups) if layer == self.num_layers - 1 else 0
+        requests = sum(len(slots) for _, _, slots in plan.groups) if last_layer else 0
         self.metrics.add_compression(time.perf_counter() - started, requests)
 
     def _compress(self, layer: int, policy: Policy, budget: int, slots: torch.Tensor,
@@ -268,12 +284,25 @@ class CompressionRuntime:
         if policy.needs_window_queries:
             window_queries, window_positions = self.window.read(
                 layer, slots, self.num_kv_heads, policy.query_window)
+        layer_densities = None
+        if policy.needs_layer_densities:
+            by_slot = {s.slot: s.layer_densities for s in self.requests.values()}
+            layer_densities = torch.stack([by_slot[slot] for slot in slots.tolist()]).to(
+                slots.device)
         batch = StreamBatch(
             keys=view.keys, values=view.values, lengths=view.lengths,
             positions=view.positions, acc_scores=view.scores,
             num_kv_heads=self.num_kv_heads, layer=layer, num_layers=self.num_layers,
-            scale=scale, window_queries=window_queries, window_positions=window_positions)
+            scale=scale, window_queries=window_queries, window_positions=window_positions,
+            layer_densities=layer_densities)
         self.cache.compact(layer, slots, policy.compress(batch, budget))
+
+    def _record_densities(self, layer: int, requests: list[RequestStreams]) -> None:
+        """D2O's density of this layer for requests whose prompt just completed."""
+        view = self.cache.gather(layer, [streams.slot for streams in requests])
+        densities = attention_density(view.scores, view.lengths, self.num_kv_heads).cpu()
+        for streams, density in zip(requests, densities):
+            streams.layer_densities[layer] = density
 
     def report(self) -> None:
         """Refresh the token gauges (twice a second at most; reading the lengths is a device
