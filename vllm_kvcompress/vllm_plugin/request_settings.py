@@ -53,6 +53,8 @@ def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any
         )
     settings = KVCompressConfig.from_dict({**server.model_dump(), **overrides})
     settings.check_max_model_len(max_model_len)
+    if not settings.enabled:
+        return settings
     window, kept = policy_for(settings).query_window, server_query_window(server)
     if window > kept:
         raise KVCompressConfigError(
