@@ -82,8 +82,8 @@ def test_triton_equals_reference(case, dtype):
     streams = random_paged_streams(1, query_lens, lengths, heads, group, head_dim, block_size,
                                    dtype=dtype, device=DEVICE)
     scores_ref = streams.scores_pool.clone()
-    args = (streams.query, streams.key_pool, streams.value_pool, streams.block_tables, streams.lengths,
-            streams.request_slots, streams.query_start_loc, head_dim ** -0.5)
+    args = (streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
+            streams.lengths, streams.request_slots, streams.query_start_loc, head_dim ** -0.5)
     want = paged_attention(*args, scores_pool=scores_ref, impl="torch")
     got = paged_attention(*args, scores_pool=streams.scores_pool, impl="triton")
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -121,8 +121,8 @@ def test_triton_equals_reference_on_gpu_at_scale(dtype):
     streams = random_paged_streams(3, query_lens, lengths, heads, group, 128, 32, dtype=dtype,
                                    device="cuda")
     scores_ref = streams.scores_pool.clone()
-    args = (streams.query, streams.key_pool, streams.value_pool, streams.block_tables, streams.lengths,
-            streams.request_slots, streams.query_start_loc, 128 ** -0.5)
+    args = (streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
+            streams.lengths, streams.request_slots, streams.query_start_loc, 128 ** -0.5)
     want = paged_attention(*args, scores_pool=scores_ref, impl="torch")
     got = paged_attention(*args, scores_pool=streams.scores_pool, impl="triton")
     # bf16 probabilities enter the P.V product in Triton, float32 ones in the reference.

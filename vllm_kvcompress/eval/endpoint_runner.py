@@ -85,9 +85,10 @@ class EndpointRunner:
         """The model to ask (self.model or the first one listed) and its max_model_len
         as /v1/models reports it (vLLM does; None when the server does not say)."""
         models = self._request("/v1/models")["data"]
-        entry = next((m for m in models if m["id"] == self.model), None) if self.model else models[0]
-        model = self.model or entry["id"]
-        return model, (entry or {}).get("max_model_len")
+        if self.model is None:
+            return models[0]["id"], models[0].get("max_model_len")
+        entry = next((m for m in models if m["id"] == self.model), {})
+        return self.model, entry.get("max_model_len")
 
     def _request(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()

@@ -75,8 +75,8 @@ def _merge_kernel(k_pool_ptr, v_pool_ptr, score_pool_ptr, rows_ptr, member_ptr, 
 
 
 def gather_merge_slots_triton(key_pool: torch.Tensor, value_pool: torch.Tensor,
-                              positions_pool: torch.Tensor,
-                              scores_pool: torch.Tensor, src: torch.Tensor,
+                              positions_pool: torch.Tensor, scores_pool: torch.Tensor,
+                              src: torch.Tensor,
                               merge: SlotMerge | None) -> GatheredSlots:
     """Same contract as `gather_merge_slots`."""
     assert positions_pool.stride() == scores_pool.stride(), "metadata pools must share a layout"

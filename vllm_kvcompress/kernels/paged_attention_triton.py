@@ -108,8 +108,9 @@ def _paged_attention_kernel(
 
 def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
                            value_pool: torch.Tensor, block_tables: torch.Tensor,
-                           lengths: torch.Tensor, request_slots: torch.Tensor, query_start_loc: torch.Tensor,
-                           scale: float, scores_pool: torch.Tensor | None,
+                           lengths: torch.Tensor, request_slots: torch.Tensor,
+                           query_start_loc: torch.Tensor, scale: float,
+                           scores_pool: torch.Tensor | None,
                            max_query_len: int | None) -> torch.Tensor:
     """Same contract as `paged_attention`."""
     num_tokens, num_q_heads, head_dim = query.shape

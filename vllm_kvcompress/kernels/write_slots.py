@@ -17,9 +17,8 @@ from vllm_kvcompress.kernels.dispatch import use_triton
 
 def write_slots(key_pool: torch.Tensor, value_pool: torch.Tensor, positions_pool: torch.Tensor,
                 scores_pool: torch.Tensor, slot_ids: torch.Tensor, keys: torch.Tensor,
-                values: torch.Tensor,
-                positions: torch.Tensor, scores: torch.Tensor | None = None,
-                impl: str | None = None) -> None:
+                values: torch.Tensor, positions: torch.Tensor,
+                scores: torch.Tensor | None = None, impl: str | None = None) -> None:
     """Write M slots in place.
 
     slot_ids: [M] int64, distinct.  keys, values: [M, D] (cast to the pool's dtype).

@@ -42,10 +42,9 @@ def _write_slots_kernel(k_pool_ptr, v_pool_ptr, pos_pool_ptr, score_pool_ptr, sl
 
 
 def write_slots_triton(key_pool: torch.Tensor, value_pool: torch.Tensor,
-                       positions_pool: torch.Tensor,
-                       scores_pool: torch.Tensor, slot_ids: torch.Tensor, keys: torch.Tensor,
-                       values: torch.Tensor, positions: torch.Tensor,
-                       scores: torch.Tensor | None) -> None:
+                       positions_pool: torch.Tensor, scores_pool: torch.Tensor,
+                       slot_ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       positions: torch.Tensor, scores: torch.Tensor | None) -> None:
     """Same contract as `write_slots`."""
     assert positions_pool.stride() == scores_pool.stride(), "metadata pools must share a layout"
     num_slots, head_dim = keys.shape

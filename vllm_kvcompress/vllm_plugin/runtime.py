@@ -53,9 +53,8 @@ class RequestStreams:
     block_entries_seen: int = 0
     last_compressed_at: int = 0
     num_tokens: int = 0
-    # [num_layers] D2O's attention density of each layer at the end of the prompt (at
-    # the first compression in chunked prefill mode).
-    layer_densities: torch.Tensor | None = None
+    # Whether the runtime's layer_densities row of this request holds its densities.
+    densities_recorded: bool = False
 
 
 @dataclass
@@ -73,9 +72,9 @@ class StepPlan:
 
     slots [R] cache slots in batch order; query_start_loc [R + 1]; slot_ids [L, tokens, H]
     where each layer writes its new K/V; positions [tokens] token positions; native: the
-    step's streams for vLLM's CPU kernel (None on the torch path); density_requests: the
+    step's streams for vLLM's CPU kernel (None on the torch path); density_slots: the
     requests whose policy needs layer densities and whose prompt completes (or first
-    compression comes) in this step.
+    compression comes) in this step (None: none).
     Groups whose policy needs layer densities compress every layer after the last one
     attended (layer 0's budget depends on every layer's density).
     """
@@ -90,7 +89,7 @@ class StepPlan:
     window_writes: WindowWrites | None
     groups: list[tuple[Policy, int, torch.Tensor]]
     native: NativeStep | None
-    density_requests: list[RequestStreams] = field(default_factory=list)
+    density_slots: torch.Tensor | None = None
 
 
 class CompressionRuntime:
@@ -125,6 +124,10 @@ class CompressionRuntime:
         self.query_window_size = server_query_window(self.server)
         self.window = QueryWindow(self.num_layers, max_requests, self.query_window_size,
                                   num_heads, head_size, kv_caches[0].dtype, kv_caches[0].device)
+        # [S, L] D2O's attention density of each layer at the end of a request's prompt (at
+        # its first compression in chunked prefill mode), by cache slot.
+        self.layer_densities = torch.zeros(max_requests, self.num_layers,
+                                           device=kv_caches[0].device)
         self.requests: dict[str, RequestStreams] = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
         self.metrics = CompressionMetrics()
@@ -184,7 +187,7 @@ class CompressionRuntime:
         slots, starts = [], []
         groups: dict[tuple, CompressionGroup] = {}
         shared_pages_to_drop: list[tuple[int, int]] = []
-        density_requests = []
+        density_slots = []
         emit_scores = needs_window = False
         for req_id, query_len in zip(req_ids, query_lens):
             req_state = self.runner.requests[req_id]
@@ -205,10 +208,10 @@ class CompressionRuntime:
             needs_window |= streams.policy.needs_window_queries
             due = streams.schedule.should_compress(streams.num_tokens,
                                                    streams.last_compressed_at, streams.prompt_len)
-            if (streams.policy.needs_layer_densities and streams.layer_densities is None
+            if (streams.policy.needs_layer_densities and not streams.densities_recorded
                     and (due or streams.num_tokens >= streams.prompt_len)):
-                streams.layer_densities = torch.zeros(self.num_layers)
-                density_requests.append(streams)
+                streams.densities_recorded = True
+                density_slots.append(streams.slot)
             if due:
                 if not streams.last_compressed_at:  # the first compression copies out
                     shared_pages_to_drop.append(
@@ -244,7 +247,8 @@ class CompressionRuntime:
             emit_scores=emit_scores, window_writes=window_writes,
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
-            native=native, density_requests=density_requests)
+            native=native,
+            density_slots=torch.tensor(density_slots, device=device) if density_slots else None)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
@@ -261,8 +265,10 @@ class CompressionRuntime:
             output[:n] = self.cache.attention(
                 layer, query[:n], plan.query_start_loc, plan.slots, scale,
                 emit_scores=plan.emit_scores, max_query_len=plan.max_query_len)
-        if plan.density_requests:
-            self._record_densities(layer, plan.density_requests)
+        if plan.density_slots is not None:
+            view = self.cache.gather(layer, plan.density_slots)
+            self.layer_densities[plan.density_slots, layer] = attention_density(
+                view.scores, view.lengths, self.num_kv_heads)
         if not plan.groups:
             return
         started = time.perf_counter()
@@ -284,25 +290,14 @@ class CompressionRuntime:
         if policy.needs_window_queries:
             window_queries, window_positions = self.window.read(
                 layer, slots, self.num_kv_heads, policy.query_window)
-        layer_densities = None
-        if policy.needs_layer_densities:
-            by_slot = {s.slot: s.layer_densities for s in self.requests.values()}
-            layer_densities = torch.stack([by_slot[slot] for slot in slots.tolist()]).to(
-                slots.device)
+        densities = self.layer_densities[slots] if policy.needs_layer_densities else None
         batch = StreamBatch(
             keys=view.keys, values=view.values, lengths=view.lengths,
             positions=view.positions, acc_scores=view.scores,
             num_kv_heads=self.num_kv_heads, layer=layer, num_layers=self.num_layers,
             scale=scale, window_queries=window_queries, window_positions=window_positions,
-            layer_densities=layer_densities)
+            layer_densities=densities)
         self.cache.compact(layer, slots, policy.compress(batch, budget))
-
-    def _record_densities(self, layer: int, requests: list[RequestStreams]) -> None:
-        """D2O's density of this layer for requests whose prompt just completed."""
-        view = self.cache.gather(layer, [streams.slot for streams in requests])
-        densities = attention_density(view.scores, view.lengths, self.num_kv_heads).cpu()
-        for streams, density in zip(requests, densities):
-            streams.layer_densities[layer] = density
 
     def report(self) -> None:
         """Refresh the token gauges (twice a second at most; reading the lengths is a device
