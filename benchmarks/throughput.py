@@ -17,10 +17,13 @@ spent scoring, selecting and compacting (the worker's CompressionMetrics).
     python benchmarks/throughput.py                        # defaults: CPU-sized
     python benchmarks/throughput.py --rates 1 8 --num-prompts 8 --json out.json --plot cr.png
     python benchmarks/throughput.py --shared-prefix 512    # one system prompt, prefix caching
+    python benchmarks/throughput.py --mix h2o --rates 1 8  # every other request runs h2o
 
 With --shared-prefix N every prompt starts with the same N tokens and every engine runs
 with vLLM's prefix caching on (off otherwise: distinct prompts share nothing); the table
-then counts the prompt tokens served from the cache.
+then counts the prompt tokens served from the cache. With --mix POLICY every second
+request sets that policy for itself (vllm_xargs / SamplingParams.extra_args), so the
+compressed engines run mixed batches.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from vllm import LLM, SamplingParams
 
 from timing import print_table
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
+from vllm_kvcompress.policies.registry import implemented_policies
 from vllm_kvcompress.vllm_plugin import runtime_registry
 from vllm_kvcompress.vllm_plugin.engine_setup import BLOCK_SIZE
 
@@ -86,7 +90,9 @@ class Result:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL, help="a bundled model's name")
-    parser.add_argument("--policy", default="snapkv", choices=("snapkv", "ems"))
+    parser.add_argument("--policy", default="snapkv", choices=implemented_policies())
+    parser.add_argument("--mix", choices=implemented_policies(),
+                        help="every second request runs this policy instead (per request)")
     parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32],
                         help="compression rates: budget = mean prompt length / rate")
     parser.add_argument("--kv-interval", type=int, default=16)
@@ -151,16 +157,17 @@ def stop_engine(llm: LLM) -> None:
     gc.collect()
 
 
-def drive(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
-    """Submit every prompt at once and step the engine until all finish, counting."""
+def drive(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> dict:
+    """Submit every prompt (with its params) at once and step the engine until all finish,
+    counting."""
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     # vLLM's own scheduler has no preemption counter: read each request's as it runs.
     preemptions: dict[str, int] = {}
     max_running = output_tokens = cached_tokens = 0
     started = time.perf_counter()
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
+    for i, (prompt, request_params) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, request_params)
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
@@ -189,15 +196,26 @@ def budget_for(rate: int | None, prompts: list[list[int]], args) -> int | None:
     return round(sum(map(len, prompts)) / len(prompts) / rate)
 
 
-def run_setting(model_dir, args, prompts, params, rate: int | None, token_bytes: int) -> Result:
+def request_params(args, compressed: bool) -> list[SamplingParams]:
+    """Greedy, output_len tokens each; with --mix, every second compressed request sets
+    its own policy."""
+    plain = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    if not (args.mix and compressed):
+        return [plain] * args.num_prompts
+    mixed = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True,
+                           extra_args={"kv_policy": args.mix})
+    return [mixed if i % 2 else plain for i in range(args.num_prompts)]
+
+
+def run_setting(model_dir, args, prompts, rate: int | None, token_bytes: int) -> Result:
     budget = budget_for(rate, prompts, args)
     llm = start_engine(model_dir, args, budget)
     try:
         # One short request first: lazy initialisation (and the compression runtime,
         # created on the first step) stays out of the timed loop.
-        drive(llm, [prompts[0][:64]], SamplingParams(max_tokens=4, ignore_eos=True))
+        drive(llm, [prompts[0][:64]], [SamplingParams(max_tokens=4, ignore_eos=True)])
         before = compression_seconds() if budget is not None else (0.0, 0.0)
-        counts = drive(llm, prompts, params)
+        counts = drive(llm, prompts, request_params(args, budget is not None))
         after = compression_seconds() if budget is not None else (0.0, 0.0)
     finally:
         stop_engine(llm)
@@ -211,12 +229,13 @@ def run_setting(model_dir, args, prompts, params, rate: int | None, token_bytes:
 
 def machine_header(args, prompts) -> str:
     lengths = [len(p) for p in prompts]
+    mix = f" (every second request {args.mix})" if args.mix else ""
     return (f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load "
             f"average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, vLLM "
             f"{vllm.__version__}\nmodel {args.model}, {args.dtype}, {len(prompts)} prompts of "
             f"{min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), "
             f"{args.output_len} output tokens, KV cache {args.kv_tokens} tokens, "
-            f"max_model_len {args.max_model_len}, policy {args.policy}, interval "
+            f"max_model_len {args.max_model_len}, policy {args.policy}{mix}, interval "
             f"{args.kv_interval}, shared prefix {args.shared_prefix} tokens (prefix caching "
             f"{'on' if args.shared_prefix else 'off'})")
 
@@ -259,10 +278,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_dir = model_path(args.model)
     prompts = make_prompts(AutoTokenizer.from_pretrained(model_dir), args)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     token_bytes = bytes_per_token(model_dir, args.dtype)
     header = machine_header(args, prompts)
-    results = [run_setting(model_dir, args, prompts, params, rate, token_bytes)
+    results = [run_setting(model_dir, args, prompts, rate, token_bytes)
                for rate in [None, *args.rates]]
     print(header)
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")

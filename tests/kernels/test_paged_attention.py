@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,9 @@ from hypothesis import strategies as st
 from attention_oracle import naive_paged_attention
 from random_streams import DEVICE, random_paged_streams
 from vllm_kvcompress.kernels import paged_attention
+
+# The module, not the op the package exports under the same name.
+paged_attention_module = importlib.import_module("vllm_kvcompress.kernels.paged_attention")
 
 
 @st.composite
@@ -54,6 +59,27 @@ def test_reference_equals_plain_math(batch):
         for slots in row:
             untouched[slots] = False
     assert torch.equal(streams.scores_pool.view(-1)[untouched], before.view(-1)[untouched])
+
+
+@pytest.mark.parametrize(("query_lens", "lengths"), [
+    ([11], [[11, 11]]),           # a fresh prompt in three query chunks
+    ([10, 1], [[30, 14], [9, 3]]),  # a chunk after a ragged compressed past, plus a decode
+    ([9], [[9, 25]]),             # one head's past longer than the other's whole stream
+])
+def test_reference_in_query_chunks_equals_plain_math(monkeypatch, query_lens, lengths):
+    """Prefill chunks longer than QUERY_CHUNK: each query chunk reads keys only up to its
+    last query's slot, with per-head offsets."""
+    monkeypatch.setattr(paged_attention_module, "QUERY_CHUNK", 4)
+    streams = random_paged_streams(5, query_lens, lengths, 2, 3, 8, 4)
+    before = streams.scores_pool.clone()
+    out = paged_attention(streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
+                          streams.lengths, streams.request_slots, streams.query_start_loc,
+                          0.3, scores_pool=streams.scores_pool, impl="torch")
+    expected, mass = naive_paged_attention(streams, 0.3)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    for got_row, want_row in zip(_scores_added(streams, before), mass):
+        for got, want in zip(got_row, want_row):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_without_scores_pool_scores_untouched():

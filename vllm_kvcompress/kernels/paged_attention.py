@@ -110,24 +110,30 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
             query.float().transpose(0, 1)[None], keys[None], values[None], is_causal=True,
             scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1).to(query.dtype)
-    keys_t = keys.repeat_interleave(group, dim=0).transpose(1, 2).contiguous()  # [Hq, D, T]
-    values = values.repeat_interleave(group, dim=0)                     # [Hq, T, D]
-    # Query i of head h sits at stream index len_h - Q + i and sees the slots up to it.
-    last_visible = (stream_lens - num_queries).repeat_interleave(group)   # [Hq]
+    # Query i of KV head h's group sits at stream index len_h - Q + i and sees the slots
+    # up to it; a query chunk never sees past its last query's slot, so keys end there.
+    last_visible = stream_lens - num_queries                               # [H]
+    max_visible = int(last_visible.max())
     positions = torch.arange(slots.shape[-1], device=query.device)
     out = torch.empty(num_queries, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
     mass = torch.zeros(num_kv_heads, slots.shape[-1], device=query.device)
     for begin in range(0, num_queries, QUERY_CHUNK):
         stop = min(begin + QUERY_CHUNK, num_queries)
-        queries = query[begin:stop].float().transpose(0, 1) * scale      # [Hq, C, D]
+        width, size = max_visible + stop, stop - begin
+        # [H, G * C, D]: a group's query heads share their KV head's keys (no repeat).
+        queries = (query[begin:stop].float() * scale).view(size, num_kv_heads, group, head_dim)
+        queries = queries.permute(1, 2, 0, 3).reshape(num_kv_heads, group * size, head_dim)
         rows = torch.arange(begin, stop, device=query.device)
-        hidden = positions > (last_visible[:, None] + rows)[..., None]   # [Hq, C, T]
+        hidden = positions[:width] > (last_visible[:, None] + rows)[:, None, :, None]
+        logits = (queries @ keys[:, :width].mT).view(num_kv_heads, group, size, width)
         # Explicit softmax: faster on CPU than SDPA with a boolean mask, and it gives the
         # probabilities for the scores.
-        probs = torch.softmax((queries @ keys_t).masked_fill_(hidden, -torch.inf), dim=-1)
-        out[begin:stop] = (probs @ values).transpose(0, 1).to(query.dtype)
+        probs = torch.softmax(logits.masked_fill_(hidden, -torch.inf), dim=-1)
+        chunk = probs.view(num_kv_heads, group * size, width) @ values[:, :width]
+        out[begin:stop] = chunk.view(num_kv_heads, group, size, head_dim).permute(
+            2, 0, 1, 3).reshape(size, num_q_heads, head_dim).to(query.dtype)
         if scores_pool is not None:
-            mass += probs.sum(dim=1).view(num_kv_heads, group, -1).sum(dim=1)
+            mass[:, :width] += probs.sum(dim=(1, 2))
     if scores_pool is not None:
         _add_scores(scores_pool, slots, live, mass)
     return out

@@ -3,7 +3,8 @@
 Compression runs in the worker process and page release in the engine core; with
 compression on, engine_setup switches vLLM to prometheus_client's multiprocess mode (the
 mode vLLM itself uses with several API servers), so the API server's /metrics shows the
-counters of every process.
+counters of every process. Under tensor parallelism every rank compresses its own KV heads
+in step with the others: only the first rank publishes (its heads stand for the layer).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ GAUGE_INTERVAL_S = 0.5
 
 
 class CompressionMetrics:
-    """Worker-side counters and gauges (one set per process)."""
+    """Worker-side counters and gauges (one set per process); publish=False keeps only the
+    in-process totals (tensor-parallel ranks after the first)."""
 
-    def __init__(self):
+    def __init__(self, publish: bool = True):
+        self.publish = publish
         self.compressions = _metric(Counter, "vllm:kv_compress_compressions",
                                     "Request compressions (one per request and step)")
         self.compression_seconds = _metric(Counter, "vllm:kv_compress_compression_seconds",
@@ -44,13 +47,15 @@ class CompressionMetrics:
         self.step_total_s = 0.0
 
     def add_compression(self, seconds: float, requests: int) -> None:
-        self.compression_seconds.inc(seconds)
-        self.compressions.inc(requests)
         self.compression_total_s += seconds
+        if self.publish:
+            self.compression_seconds.inc(seconds)
+            self.compressions.inc(requests)
 
     def add_step(self, seconds: float) -> None:
-        self.step_seconds.inc(seconds)
         self.step_total_s += seconds
+        if self.publish:
+            self.step_seconds.inc(seconds)
 
     def compression_share(self) -> float:
         """Compression time / step time since the process started."""
@@ -62,7 +67,7 @@ class CompressionMetrics:
         self.compression_ratio.set(seen / kept if kept else 1.0)
 
     def gauges_due(self) -> bool:
-        return self._gauge_clock.due()
+        return self.publish and self._gauge_clock.due()
 
     def log_due(self) -> bool:
         return self._log_clock.due()

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.logger import init_logger
 
 from vllm_kvcompress.cache.paged_stream_cache import PagedStreamCache
@@ -67,12 +68,30 @@ class CompressionGroup:
 
 
 @dataclass
+class AttentionPart:
+    """Requests of one step that attend together, and how.
+
+    tokens [n] their rows in the step's query (None: every row, in order); query_start_loc
+    [R' + 1] over those rows; slots [R'] their cache slots; native: their streams for
+    vLLM's CPU kernel, or None for the torch path, which emits each slot's attention
+    probability into the accumulated scores when emit_scores is set.
+    """
+
+    tokens: torch.Tensor | None
+    query_start_loc: torch.Tensor
+    slots: torch.Tensor
+    max_query_len: int
+    native: NativeStep | None
+    emit_scores: bool
+
+
+@dataclass
 class StepPlan:
     """The attention metadata of one step, shared by every layer.
 
-    slots [R] cache slots in batch order; query_start_loc [R + 1]; slot_ids [L, tokens, H]
-    where each layer writes its new K/V; positions [tokens] token positions; native: the
-    step's streams for vLLM's CPU kernel (None on the torch path); density_slots: the
+    slot_ids [L, tokens, H] where each layer writes its new K/V; positions [tokens] token
+    positions; attention: one part, or two when only some requests' policies accumulate
+    attention (they take the torch path, the others vLLM's kernel); density_slots: the
     requests whose policy needs layer densities and whose prompt completes (or first
     compression comes) in this step (None: none).
     Groups whose policy needs layer densities compress every layer after the last one
@@ -80,15 +99,11 @@ class StepPlan:
     """
 
     num_tokens: int
-    slots: torch.Tensor
-    query_start_loc: torch.Tensor
-    max_query_len: int
     slot_ids: torch.Tensor
     positions: torch.Tensor
-    emit_scores: bool
     window_writes: WindowWrites | None
+    attention: list[AttentionPart]
     groups: list[tuple[Policy, int, torch.Tensor]]
-    native: NativeStep | None
     density_slots: torch.Tensor | None = None
 
 
@@ -130,7 +145,7 @@ class CompressionRuntime:
                                            device=kv_caches[0].device)
         self.requests: dict[str, RequestStreams] = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
-        self.metrics = CompressionMetrics()
+        self.metrics = CompressionMetrics(publish=get_tensor_model_parallel_rank() == 0)
 
     # ----- request lifecycle -----
 
@@ -188,7 +203,8 @@ class CompressionRuntime:
         groups: dict[tuple, CompressionGroup] = {}
         shared_pages_to_drop: list[tuple[int, int]] = []
         density_slots = []
-        emit_scores = needs_window = False
+        scored = []  # per request: its policy reads accumulated attention
+        needs_window = False
         for req_id, query_len in zip(req_ids, query_lens):
             req_state = self.runner.requests[req_id]
             num_computed = req_state.num_computed_tokens
@@ -202,9 +218,9 @@ class CompressionRuntime:
             slots.append(streams.slot)
             starts.append(num_computed)
             streams.num_tokens = num_computed + query_len
+            scored.append(streams.policy is not None and streams.policy.needs_accumulated)
             if streams.policy is None:
                 continue
-            emit_scores |= streams.policy.needs_accumulated
             needs_window |= streams.policy.needs_window_queries
             due = streams.schedule.should_compress(streams.num_tokens,
                                                    streams.last_compressed_at, streams.prompt_len)
@@ -228,27 +244,65 @@ class CompressionRuntime:
             query_start_loc_cpu[:num_reqs].long(), lens)
         positions = (token_starts + offsets).to(device)
         slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
-        query_start_loc = query_start_loc_cpu[:num_reqs + 1].to(device)
         slot_ids = self.cache.append(slot_tensor, lens)
         for slot, count in shared_pages_to_drop:
             self.cache.drop_leading_pages(slot, count)
         window_writes = None
         if needs_window:
-            window_writes = self.window.plan(slot_tensor, query_start_loc, positions)
+            window_writes = self.window.plan(
+                slot_tensor, query_start_loc_cpu[:num_reqs + 1].to(device), positions)
             self.window.record_positions(window_writes, positions)
-        native = None
-        if self.native is not None and not emit_scores:
-            native = self.native.plan(query_start_loc_cpu[:num_reqs + 1],
-                                      self.cache.tables.block_tables, self.cache.tables.lengths,
-                                      slot_tensor)
         return StepPlan(
-            num_tokens=int(lens.sum()), slots=slot_tensor, query_start_loc=query_start_loc,
-            max_query_len=max(query_lens, default=0), slot_ids=slot_ids, positions=positions,
-            emit_scores=emit_scores, window_writes=window_writes,
+            num_tokens=int(lens.sum()), slot_ids=slot_ids, positions=positions,
+            window_writes=window_writes,
+            attention=self._attention_parts(scored, query_lens, query_start_loc_cpu[:num_reqs + 1],
+                                            slot_tensor),
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
-            native=native,
             density_slots=torch.tensor(density_slots, device=device) if density_slots else None)
+
+    def _attention_parts(self, scored: list[bool], query_lens: list[int],
+                         query_start_loc_cpu: torch.Tensor,
+                         slots: torch.Tensor) -> list[AttentionPart]:
+        """vLLM's kernel for every request whose policy does not read accumulated attention,
+        the torch path (with score emission) for those that do."""
+        everyone = range(len(scored))
+        if self.native is None:
+            return [self._attention_part(everyone, query_lens, query_start_loc_cpu, slots,
+                                         native=False, emit_scores=any(scored))]
+        plain = [r for r in everyone if not scored[r]]
+        with_scores = [r for r in everyone if scored[r]]
+        parts = []
+        if plain:
+            parts.append(self._attention_part(plain, query_lens, query_start_loc_cpu, slots,
+                                              native=True, emit_scores=False))
+        if with_scores:
+            parts.append(self._attention_part(with_scores, query_lens, query_start_loc_cpu,
+                                              slots, native=False, emit_scores=True))
+        return parts
+
+    def _attention_part(self, requests, query_lens: list[int], query_start_loc_cpu: torch.Tensor,
+                        slots: torch.Tensor, native: bool, emit_scores: bool) -> AttentionPart:
+        """The part of the step made of `requests` (batch indices, ascending)."""
+        device = self.cache.device
+        requests = list(requests)
+        lens = [query_lens[r] for r in requests]
+        if len(requests) == len(query_lens):
+            tokens, part_starts, part_slots = None, query_start_loc_cpu, slots
+        else:
+            tokens = torch.cat([torch.arange(int(query_start_loc_cpu[r]),
+                                             int(query_start_loc_cpu[r + 1]))
+                                for r in requests]).to(device)
+            part_starts = torch.zeros(len(requests) + 1, dtype=query_start_loc_cpu.dtype)
+            part_starts[1:] = torch.tensor(lens).cumsum(0)
+            part_slots = slots[torch.tensor(requests, device=device)]
+        step = None
+        if native:
+            step = self.native.plan(part_starts, self.cache.tables.block_tables,
+                                    self.cache.tables.lengths, part_slots)
+        return AttentionPart(tokens=tokens, query_start_loc=part_starts.to(device),
+                             slots=part_slots, max_query_len=max(lens, default=0),
+                             native=step, emit_scores=emit_scores)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
@@ -259,12 +313,14 @@ class CompressionRuntime:
         self.cache.write(layer, plan.slot_ids[layer], key[:n], value[:n], plan.positions)
         if plan.window_writes is not None:
             self.window.record(layer, plan.window_writes, query[:n])
-        if plan.native is not None:
-            output[:n] = self.native.forward(layer, query[:n], plan.native, scale)
-        else:
-            output[:n] = self.cache.attention(
-                layer, query[:n], plan.query_start_loc, plan.slots, scale,
-                emit_scores=plan.emit_scores, max_query_len=plan.max_query_len)
+        for part in plan.attention:
+            rows = slice(0, n) if part.tokens is None else part.tokens
+            if part.native is not None:
+                output[rows] = self.native.forward(layer, query[rows], part.native, scale)
+            else:
+                output[rows] = self.cache.attention(
+                    layer, query[rows], part.query_start_loc, part.slots, scale,
+                    emit_scores=part.emit_scores, max_query_len=part.max_query_len)
         if plan.density_slots is not None:
             view = self.cache.gather(layer, plan.density_slots)
             self.layer_densities[plan.density_slots, layer] = attention_density(

@@ -1,0 +1,55 @@
+"""Compression under vLLM's tensor parallelism: the bundled model's 3 KV heads sharded over
+3 CPU worker processes, one head each."""
+
+from __future__ import annotations
+
+from engine_driver import block_pool, prompt_of_length, run, scheduler, started_llm
+from transformers import AutoTokenizer
+from vllm import SamplingParams
+
+from vllm_kvcompress.vllm_plugin import runtime_registry
+
+BUDGET, INTERVAL, BLOCK_SIZE = 64, 16, 32
+
+
+def compression_state(worker) -> tuple[int, bool]:
+    """Run in each worker (collective_rpc): its runtime's KV heads, whether it compressed."""
+    runtime = runtime_registry.get()
+    return runtime.num_kv_heads, runtime.metrics.compression_total_s > 0
+
+
+def test_three_ranks_generate_what_one_rank_does(model_dir, monkeypatch):
+    """SnapKV selects each head's slots on their own, so sharding the heads over ranks
+    changes nothing: the same greedy tokens, the same pages held, every page back."""
+    # vLLM binds each CPU rank's threads to its own NUMA node unless told not to; these
+    # machines have one node.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [prompt_of_length(tokenizer, n, seed=n) for n in (600, 90)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    config = {"kv_policy": "snapkv", "budget": BUDGET, "kv_interval": INTERVAL}
+    outputs, live_pages, workers = {}, {}, {}
+    for ranks in (1, 3):
+        with started_llm(model_dir, max_model_len=1024, tensor_parallel_size=ranks,
+                         additional_config=config) as llm:
+            manager = scheduler(llm).compressed_manager
+            pages = []
+
+            def record(step, manager=manager, pages=pages):
+                long = [r for r in manager.req_to_blocks if r.startswith("r0")]
+                pages.append(manager.num_live_pages(long[0]) if long else 0)
+
+            outputs[ranks] = run(llm, prompts, params, after_step=record).outputs
+            live_pages[ranks] = pages
+            workers[ranks] = llm.collective_rpc(compression_state)
+            # One more request delivers the finishes to the workers.
+            run(llm, [prompts[1][:20]], SamplingParams(max_tokens=1))
+            pool = block_pool(llm)
+            assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+    assert workers == {1: [(3, True)], 3: [(1, True)] * 3}
+    assert outputs[3] == outputs[1]
+    assert live_pages[3] == live_pages[1]
+    # The long prompt held all its pages while prefilling, then only the bound's.
+    held = [p for p in live_pages[3] if p]
+    assert max(held) >= 600 // BLOCK_SIZE
+    assert held[-1] <= (BUDGET + INTERVAL + BLOCK_SIZE) // BLOCK_SIZE + 1
