@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import torch
 from engine_driver import block_pool, prompt_of_length, run, scheduler, started_llm
 from transformers import AutoTokenizer
 from vllm import SamplingParams
@@ -12,21 +13,26 @@ from vllm_kvcompress.vllm_plugin import runtime_registry
 BUDGET, INTERVAL, BLOCK_SIZE = 64, 16, 32
 
 
-def compression_state(worker) -> tuple[int, bool]:
-    """Run in each worker (collective_rpc): its runtime's KV heads, whether it compressed."""
+def compression_state(worker) -> tuple[int, bool, torch.Tensor]:
+    """Run in each worker (collective_rpc): its runtime's KV heads, whether it compressed,
+    its D2O layer densities [request slots, layers]."""
     runtime = runtime_registry.get()
-    return runtime.num_kv_heads, runtime.metrics.compression_total_s > 0
+    return (runtime.num_kv_heads, runtime.metrics.compression_total_s > 0,
+            runtime.layer_densities.clone())
 
 
 def test_three_ranks_generate_what_one_rank_does(model_dir, monkeypatch):
-    """SnapKV selects each head's slots on their own, so sharding the heads over ranks
-    changes nothing: the same greedy tokens, the same pages held, every page back."""
+    """SnapKV selects each head's slots on their own, and D2O's layer densities are
+    averaged over the ranks, so sharding the heads over ranks changes nothing: the same
+    greedy tokens, the same pages held, every page back."""
     # vLLM binds each CPU rank's threads to its own NUMA node unless told not to; these
     # machines have one node.
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [prompt_of_length(tokenizer, n, seed=n) for n in (600, 90)]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [prompt_of_length(tokenizer, n, seed=n) for n in (600, 90, 500)]
+    greedy = dict(max_tokens=12, temperature=0, ignore_eos=True)
+    params = [SamplingParams(**greedy)] * 2 + [
+        SamplingParams(**greedy, extra_args={"kv_policy": "d2o"})]
     config = {"kv_policy": "snapkv", "budget": BUDGET, "kv_interval": INTERVAL}
     outputs, live_pages, workers = {}, {}, {}
     for ranks in (1, 3):
@@ -46,7 +52,13 @@ def test_three_ranks_generate_what_one_rank_does(model_dir, monkeypatch):
             run(llm, [prompts[1][:20]], SamplingParams(max_tokens=1))
             pool = block_pool(llm)
             assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
-    assert workers == {1: [(3, True)], 3: [(1, True)] * 3}
+    assert [state[:2] for state in workers[1]] == [(3, True)]
+    assert [state[:2] for state in workers[3]] == [(1, True)] * 3
+    # The rows the d2o request recorded (vLLM sizes the slots per world size).
+    recorded = [state[2][state[2].abs().sum(dim=1) > 0] for state in workers[1] + workers[3]]
+    assert len(recorded[0]) == 1
+    for rank_densities in recorded[1:]:
+        torch.testing.assert_close(rank_densities, recorded[0], rtol=1e-5, atol=1e-9)
     assert outputs[3] == outputs[1]
     assert live_pages[3] == live_pages[1]
     # The long prompt held all its pages while prefilling, then only the bound's.

@@ -13,7 +13,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.logger import init_logger
 
 from vllm_kvcompress.cache.paged_stream_cache import PagedStreamCache
@@ -322,9 +326,7 @@ class CompressionRuntime:
                     layer, query[rows], part.query_start_loc, part.slots, scale,
                     emit_scores=part.emit_scores, max_query_len=part.max_query_len)
         if plan.density_slots is not None:
-            view = self.cache.gather(layer, plan.density_slots)
-            self.layer_densities[plan.density_slots, layer] = attention_density(
-                view.scores, view.lengths, self.num_kv_heads)
+            self._record_densities(layer, plan.density_slots)
         if not plan.groups:
             return
         started = time.perf_counter()
@@ -338,6 +340,18 @@ class CompressionRuntime:
         # Count each compressed request once, on the last layer.
         requests = sum(len(slots) for _, _, slots in plan.groups) if last_layer else 0
         self.metrics.add_compression(time.perf_counter() - started, requests)
+
+    def _record_densities(self, layer: int, slots: torch.Tensor) -> None:
+        """D2O's attention density of this layer for the requests in `slots`; after the last
+        layer, averaged over the tensor-parallel ranks (each measured its own KV heads), so
+        every rank gives a layer the same budget as one rank holding all heads would."""
+        view = self.cache.gather(layer, slots)
+        self.layer_densities[slots, layer] = attention_density(view.scores, view.lengths,
+                                                               self.num_kv_heads)
+        ranks = get_tensor_model_parallel_world_size()
+        if layer == self.num_layers - 1 and ranks > 1:
+            self.layer_densities[slots] = tensor_model_parallel_all_reduce(
+                self.layer_densities[slots]) / ranks
 
     def _compress(self, layer: int, policy: Policy, budget: int, slots: torch.Tensor,
                   scale: float) -> None:
