@@ -113,7 +113,7 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
     # Query i of KV head h's group sits at stream index len_h - Q + i and sees the slots
     # up to it; a query chunk never sees past its last query's slot, so keys end there.
     last_visible = stream_lens - num_queries                               # [H]
-    max_visible = int(last_visible.max())
+    min_visible, max_visible = int(last_visible.min()), int(last_visible.max())
     positions = torch.arange(slots.shape[-1], device=query.device)
     out = torch.empty(num_queries, num_q_heads, head_dim, dtype=query.dtype, device=query.device)
     mass = torch.zeros(num_kv_heads, slots.shape[-1], device=query.device)
@@ -123,12 +123,15 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
         # [H, G * C, D]: a group's query heads share their KV head's keys (no repeat).
         queries = (query[begin:stop].float() * scale).view(size, num_kv_heads, group, head_dim)
         queries = queries.permute(1, 2, 0, 3).reshape(num_kv_heads, group * size, head_dim)
-        rows = torch.arange(begin, stop, device=query.device)
-        hidden = positions[:width] > (last_visible[:, None] + rows)[:, None, :, None]
         logits = (queries @ keys[:, :width].mT).view(num_kv_heads, group, size, width)
+        # Every query of the chunk sees the slots before `shared`: only the rest is masked.
+        shared = min_visible + begin + 1
+        rows = torch.arange(begin, stop, device=query.device)
+        hidden = positions[shared:width] > (last_visible[:, None] + rows)[:, None, :, None]
+        logits[..., shared:].masked_fill_(hidden, -torch.inf)
         # Explicit softmax: faster on CPU than SDPA with a boolean mask, and it gives the
         # probabilities for the scores.
-        probs = torch.softmax(logits.masked_fill_(hidden, -torch.inf), dim=-1)
+        probs = torch.softmax(logits, dim=-1)
         chunk = probs.view(num_kv_heads, group * size, width) @ values[:, :width]
         out[begin:stop] = chunk.view(num_kv_heads, group, size, head_dim).permute(
             2, 0, 1, 3).reshape(size, num_q_heads, head_dim).to(query.dtype)
