@@ -90,11 +90,7 @@ class _MetricsPeak:
             self._sample()
 
     def _sample(self) -> None:
-        values = {}
-        for line in self.server.get_text("/metrics").splitlines():
-            for name in ("vllm:kv_compress_tokens_seen", "vllm:kv_compress_tokens_kept"):
-                if line.startswith(name + " ") or line.startswith(name + "{"):
-                    values[name] = values.get(name, 0.0) + float(line.split()[-1])
+        values = self.server.metrics()
         seen = values.get("vllm:kv_compress_tokens_seen")
         if seen and (self.seen is None or seen >= self.seen):
             self.seen, self.kept = int(seen), values.get("vllm:kv_compress_tokens_kept", seen)

@@ -115,3 +115,12 @@ class VllmServer:
     def get_text(self, path: str, timeout: float = 30.0) -> str:
         with urllib.request.urlopen(f"{self.url}{path}", timeout=timeout) as response:
             return response.read().decode()
+
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {metric name: the sum of its samples over all label sets}."""
+        totals: dict[str, float] = {}
+        for line in self.get_text("/metrics").splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.split("{", 1)[0].split(" ", 1)[0], float(line.split()[-1])
+                totals[name] = totals.get(name, 0.0) + value
+        return totals

@@ -49,6 +49,12 @@ def block_pool(llm):
     return scheduler(llm).kv_cache_manager.block_pool
 
 
+def all_pages_free(llm) -> bool:
+    """Every page of vLLM's pool is free again, but its null block (never handed out)."""
+    pool = block_pool(llm)
+    return pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+
+
 @dataclass
 class RunStats:
     outputs: dict[str, list[int]] = field(default_factory=dict)

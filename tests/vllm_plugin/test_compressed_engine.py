@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_driver import block_pool, prompt_of_length, run, scheduler, started_llm
+from engine_driver import (
+    all_pages_free,
+    block_pool,
+    prompt_of_length,
+    run,
+    scheduler,
+    started_llm,
+)
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
@@ -83,13 +90,12 @@ def test_no_leak_under_aborts_and_preemption(model_dir, tokenizer):
         # One more request delivers the previous finishes to the worker.
         run(llm, [prompts[0][:50]], SamplingParams(max_tokens=2))
         runtime = runtime_registry.get()
-        pool = block_pool(llm)
-        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+        assert all_pages_free(llm)
         assert len(runtime.requests) <= 1  # only the last one, finished in the final step
         runtime.forget(list(runtime.requests))  # what the worker does on the next step
         # Block 0 is vLLM's null block: never handed out, so count it as free here.
-        free_pages = torch.tensor([0] + [b.block_id
-                                         for b in pool.free_block_queue.get_all_free_blocks()])
+        free_blocks = block_pool(llm).free_block_queue.get_all_free_blocks()
+        free_pages = torch.tensor([0] + [b.block_id for b in free_blocks])
         runtime.cache.check_invariants(free_pages)
 
 
@@ -151,8 +157,7 @@ def test_chunked_prefill_mode_compresses_between_chunks(model_dir, tokenizer):
             snapkv = [r for r in manager.req_to_blocks if r.startswith("snapkv")]
             if snapkv:
                 most_pages = max(most_pages, manager.num_live_pages(snapkv[0]))
-        pool = block_pool(llm)
-        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+        assert all_pages_free(llm)
     assert finished == {"snapkv": 8, "h2o": 8, "d2o": 8}
     # At most budget + interval - 1 kept tokens and one 256-token chunk, in 32-token pages.
     assert most_pages <= -(-(128 + 16 - 1 + 256 + 31) // 32) < 2000 // 32
@@ -198,7 +203,7 @@ def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, to
         for block in unchanged:
             for now_layer, before in zip(page_contents(block), contents[block]):
                 assert torch.equal(now_layer, before)
-        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+        assert all_pages_free(llm)
     assert all(stats.cached_tokens[f"r{i}"] >= 576 for i in range(3))
     assert stats.cached_tokens["r3"] == 0                     # h2o: outside the cache
     assert first.outputs["r0"] == expected["r0"]
@@ -221,7 +226,6 @@ def test_prompts_near_max_model_len_with_prefix_caching(model_dir, tokenizer):
     with started_llm(model_dir, max_model_len=1024,
                      additional_config={"kv_policy": "snapkv", "budget": 256}) as llm:
         stats = run(llm, [prompt] * 3, params)
-        pool = block_pool(llm)
-        assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+        assert all_pages_free(llm)
     assert all(len(tokens) == 24 for tokens in stats.outputs.values())
     assert len(stats.outputs) == 3 and stats.cached_tokens["r1"] >= 900

@@ -14,6 +14,7 @@ from vllm_kvcompress.config import (
     resolve_settings,
 )
 from vllm_kvcompress.vllm_plugin import register
+from vllm_kvcompress.vllm_plugin.request_settings import policy_for
 
 register()
 
@@ -152,3 +153,13 @@ def test_config_round_trips_through_additional_config():
     extra = {"unrelated_key": 1, **settings.to_additional_config()}
     assert KVCompressConfig.from_additional_config(extra) == settings
     assert KVCompressConfig.from_additional_config(None) == KVCompressConfig()
+
+
+def test_policy_for_shares_one_policy_per_configuration():
+    # A layer list from a config file is a JSON list: it must not break the sharing.
+    settings = KVCompressConfig.from_dict({"kv_policy": "d2o", "budget": 64,
+                                           "kv_policy_args": {"full_layers": [0, 1]}})
+    policy = policy_for(settings)
+    assert policy is policy_for(KVCompressConfig.from_dict(settings.model_dump()))
+    assert policy is not policy_for(KVCompressConfig.from_dict(
+        {**settings.model_dump(), "kv_policy_args": {"full_layers": [0]}}))

@@ -12,12 +12,6 @@ from vllm_kvcompress.serve_process import CPU_DEFAULT_ARGS, VllmServer
 pytestmark = pytest.mark.slow
 
 
-def metric_total(metrics: str, name: str) -> float:
-    """Sum of a metric's samples in Prometheus text format."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def test_three_served_ranks_answer_like_one_and_count_each_compression_once(model_dir,
                                                                              tmp_path):
     prompt = prompt_of_length(AutoTokenizer.from_pretrained(model_dir), 640, seed=21)
@@ -33,8 +27,7 @@ def test_three_served_ranks_answer_like_one_and_count_each_compression_once(mode
                         tmp_path / f"serve-tp{ranks}.log",
                         env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"}) as server:
             texts[ranks] = server.post("/v1/completions", body)["choices"][0]["text"]
-            compressions[ranks] = metric_total(server.get_text("/metrics"),
-                                               "vllm:kv_compress_compressions_total")
+            compressions[ranks] = server.metrics()["vllm:kv_compress_compressions_total"]
     assert texts[3] == texts[1]
     # One rank publishes: the 3-rank server counts what the 1-rank server counts.
     assert compressions[1] >= 1

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from engine_driver import block_pool, prompt_of_length, run, scheduler, started_llm
+from engine_driver import all_pages_free, prompt_of_length, run, scheduler, started_llm
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 
@@ -50,8 +50,7 @@ def test_three_ranks_generate_what_one_rank_does(model_dir, monkeypatch):
             workers[ranks] = llm.collective_rpc(compression_state)
             # One more request delivers the finishes to the workers.
             run(llm, [prompts[1][:20]], SamplingParams(max_tokens=1))
-            pool = block_pool(llm)
-            assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1
+            assert all_pages_free(llm)
     assert [state[:2] for state in workers[1]] == [(3, True)]
     assert [state[:2] for state in workers[3]] == [(1, True)] * 3
     # The rows the d2o request recorded (vLLM sizes the slots per world size).

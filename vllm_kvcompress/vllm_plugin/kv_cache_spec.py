@@ -30,7 +30,6 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.policies import Policy
 from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
 from vllm_kvcompress.vllm_plugin.request_settings import policy_for
 
@@ -190,16 +189,14 @@ def register_spec() -> None:
 
 
 def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
-                 prefix_caching: bool, policy: Policy | None = None) -> CompressionSchedule | None:
+                 prefix_caching: bool) -> CompressionSchedule | None:
     """The compression schedule of a request with `settings` (None: not compressed).
-    policy: the request's policy if the caller has it already (else built here).
 
     With prefix caching on, a request shares its prefix unless its policy accumulates
     attention over every query: a cache hit would skip the queries of the cached tokens."""
     if not settings.enabled:
         return None
-    if policy is None:
-        policy = policy_for(settings)
+    policy = policy_for(settings)
     return CompressionSchedule(
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,

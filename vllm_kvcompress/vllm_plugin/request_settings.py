@@ -8,6 +8,8 @@ and the workers, so every process sees the same settings for a request.
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
@@ -22,8 +24,16 @@ MIN_QUERY_WINDOW = 32
 
 
 def policy_for(settings: KVCompressConfig) -> Policy:
-    return make_policy(settings.kv_policy, window=settings.kv_window, sinks=settings.kv_sinks,
-                       **settings.kv_policy_args)
+    """The policy of `settings`: one shared instance per distinct configuration in this
+    process (policies keep no per-request state), so admitting a request builds none."""
+    # JSON: option values may be lists (layer lists from a config file), which don't hash.
+    return _shared_policy(settings.kv_policy, settings.kv_window, settings.kv_sinks,
+                          json.dumps(settings.kv_policy_args, sort_keys=True))
+
+
+@functools.cache
+def _shared_policy(name: str, window: int | None, sinks: int | None, options: str) -> Policy:
+    return make_policy(name, window=window, sinks=sinks, **json.loads(options))
 
 
 def server_query_window(server: KVCompressConfig) -> int:

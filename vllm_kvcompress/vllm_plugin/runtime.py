@@ -117,7 +117,6 @@ class CompressionRuntime:
         self.vllm_config = vllm_config
         self.runner = runner
         self.server = server_settings(vllm_config)
-        self._policies: dict[tuple, Policy] = {}
         self.max_model_len = vllm_config.model_config.max_model_len
         self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
         self.num_layers = len(kv_caches)
@@ -140,8 +139,7 @@ class CompressionRuntime:
             max_block_entries(self.max_model_len, block_size), block_size=block_size,
             dtype=kv_caches[0].dtype, device=kv_caches[0].device, kv_pools=pools,
             max_blocks_per_stream=-(-self.max_model_len // block_size) + 2)
-        self.query_window_size = server_query_window(self.server)
-        self.window = QueryWindow(self.num_layers, max_requests, self.query_window_size,
+        self.window = QueryWindow(self.num_layers, max_requests, server_query_window(self.server),
                                   num_heads, head_size, kv_caches[0].dtype, kv_caches[0].device)
         # [S, L] D2O's attention density of each layer at the end of a request's prompt (at
         # its first compression in chunked prefill mode), by cache slot.
@@ -166,20 +164,12 @@ class CompressionRuntime:
     def _admit(self, req_id: str, req_state) -> RequestStreams:
         extra_args = req_state.sampling_params.extra_args if req_state.sampling_params else None
         settings = resolve_request_settings(self.server, extra_args, self.max_model_len)
-        policy = self._policy(settings) if settings.enabled else None
-        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
-                                policy)
+        policy = policy_for(settings) if settings.enabled else None
+        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching)
         streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
                                  prompt_len=req_state.num_prompt_tokens)
         self.requests[req_id] = streams
         return streams
-
-    def _policy(self, settings: KVCompressConfig) -> Policy:
-        key = (settings.kv_policy, settings.kv_window, settings.kv_sinks,
-               tuple(sorted(settings.kv_policy_args.items())))
-        if key not in self._policies:
-            self._policies[key] = policy_for(settings)
-        return self._policies[key]
 
     def _sync_pages(self, streams: RequestStreams, block_ids: list[int], num_computed: int) -> None:
         """Mirror the scheduler's page bookkeeping for one request (kv_cache_spec.py):
@@ -259,54 +249,45 @@ class CompressionRuntime:
         return StepPlan(
             num_tokens=int(lens.sum()), slot_ids=slot_ids, positions=positions,
             window_writes=window_writes,
-            attention=self._attention_parts(scored, query_lens, query_start_loc_cpu[:num_reqs + 1],
+            attention=self._attention_parts(scored, query_start_loc_cpu[:num_reqs + 1],
                                             slot_tensor),
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
             density_slots=torch.tensor(density_slots, device=device) if density_slots else None)
 
-    def _attention_parts(self, scored: list[bool], query_lens: list[int],
-                         query_start_loc_cpu: torch.Tensor,
+    def _attention_parts(self, scored: list[bool], query_start_loc_cpu: torch.Tensor,
                          slots: torch.Tensor) -> list[AttentionPart]:
-        """vLLM's kernel for every request whose policy does not read accumulated attention,
-        the torch path (with score emission) for those that do."""
-        everyone = range(len(scored))
-        if self.native is None:
-            return [self._attention_part(everyone, query_lens, query_start_loc_cpu, slots,
-                                         native=False, emit_scores=any(scored))]
-        plain = [r for r in everyone if not scored[r]]
-        with_scores = [r for r in everyone if scored[r]]
-        parts = []
-        if plain:
-            parts.append(self._attention_part(plain, query_lens, query_start_loc_cpu, slots,
-                                              native=True, emit_scores=False))
-        if with_scores:
-            parts.append(self._attention_part(with_scores, query_lens, query_start_loc_cpu,
-                                              slots, native=False, emit_scores=True))
-        return parts
+        """vLLM's kernel for the requests whose policy reads no accumulated attention, the
+        torch path (with score emission) for those that do: one part unless both kinds
+        are in the step and the kernel runs on this machine."""
+        if self.native is None or all(scored) or not any(scored):
+            native = self.native is not None and not any(scored)
+            return [self._attention_part(None, query_start_loc_cpu, slots, native=native,
+                                         emit_scores=any(scored))]
+        members = torch.tensor(scored)
+        return [self._attention_part(~members, query_start_loc_cpu, slots, native=True,
+                                     emit_scores=False),
+                self._attention_part(members, query_start_loc_cpu, slots, native=False,
+                                     emit_scores=True)]
 
-    def _attention_part(self, requests, query_lens: list[int], query_start_loc_cpu: torch.Tensor,
+    def _attention_part(self, members: torch.Tensor | None, query_start_loc_cpu: torch.Tensor,
                         slots: torch.Tensor, native: bool, emit_scores: bool) -> AttentionPart:
-        """The part of the step made of `requests` (batch indices, ascending)."""
+        """The part made of the step's requests in `members` [R] bool (None: all of them)."""
         device = self.cache.device
-        requests = list(requests)
-        lens = [query_lens[r] for r in requests]
-        if len(requests) == len(query_lens):
-            tokens, part_starts, part_slots = None, query_start_loc_cpu, slots
-        else:
-            tokens = torch.cat([torch.arange(int(query_start_loc_cpu[r]),
-                                             int(query_start_loc_cpu[r + 1]))
-                                for r in requests]).to(device)
-            part_starts = torch.zeros(len(requests) + 1, dtype=query_start_loc_cpu.dtype)
-            part_starts[1:] = torch.tensor(lens).cumsum(0)
-            part_slots = slots[torch.tensor(requests, device=device)]
+        starts, tokens = query_start_loc_cpu, None
+        lens = starts[1:] - starts[:-1]
+        if members is not None:
+            tokens = torch.repeat_interleave(members, lens).nonzero().flatten().to(device)
+            lens = lens[members]
+            starts = torch.cat([starts.new_zeros(1), lens.cumsum(0).to(starts.dtype)])
+            slots = slots[members.to(device)]
         step = None
         if native:
-            step = self.native.plan(part_starts, self.cache.tables.block_tables,
-                                    self.cache.tables.lengths, part_slots)
-        return AttentionPart(tokens=tokens, query_start_loc=part_starts.to(device),
-                             slots=part_slots, max_query_len=max(lens, default=0),
-                             native=step, emit_scores=emit_scores)
+            step = self.native.plan(starts, self.cache.tables.block_tables,
+                                    self.cache.tables.lengths, slots)
+        return AttentionPart(tokens=tokens, query_start_loc=starts.to(device), slots=slots,
+                             max_query_len=int(lens.max()) if len(lens) else 0, native=step,
+                             emit_scores=emit_scores)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
