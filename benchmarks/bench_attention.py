@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from timing import machine, median_ms, print_table, setup
 from vllm_kvcompress.cache import PagedStreamCache
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import Selection
 
 HEAD_DIM, BLOCK_SIZE = 128, 32
 

@@ -16,7 +16,7 @@ import torch
 
 from timing import machine, median_ms, print_table, setup
 from vllm_kvcompress.cache import PagedStreamCache
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import Selection
 
 HEADS, HEAD_DIM, BLOCK_SIZE = 8, 128, 32
 

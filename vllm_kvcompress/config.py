@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
 
@@ -58,6 +58,16 @@ class KVCompressConfig(BaseModel):
         if value not in KNOWN_POLICIES:
             raise ValueError(f"must be one of: {', '.join(KNOWN_POLICIES)}")
         return value
+
+    @model_validator(mode="after")
+    def _policy_accepts_its_options(self) -> KVCompressConfig:
+        # Building the policy checks kv_policy_args (and window, sinks) against it; its
+        # error names the option and the values it allows.
+        if self.enabled:
+            from vllm_kvcompress.policies.registry import make_policy
+
+            make_policy(self.kv_policy, self.kv_window, self.kv_sinks, **self.kv_policy_args)
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -128,7 +138,9 @@ def resolve_settings(preset: str | None, explicit: dict[str, Any]) -> KVCompress
 
 def _one_line(exc: ValidationError, values: dict[str, Any]) -> str:
     error = exc.errors()[0]
-    field = str(error["loc"][0]) if error["loc"] else "?"
+    if not error["loc"]:  # the policy refused its options: its message names them
+        return error["msg"].removeprefix("Value error, ")
+    field = str(error["loc"][0])
     flag = FLAGS.get(field, field)
     if error["type"] == "extra_forbidden":
         return f"{flag}: unknown setting; allowed: {', '.join(KVCompressConfig.model_fields)}"

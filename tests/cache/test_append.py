@@ -95,7 +95,7 @@ def test_external_pools_are_used_in_place():
     kv = storage.view(pages * HEADS, block_size, 2, head_dim)
     pools = [(kv[:, :, 0], kv[:, :, 1])]
     cache = PagedStreamCache(1, HEADS, head_dim, pages, 1, pages, block_size=block_size,
-                             dtype=torch.float32, kv_pools=pools)
+                             dtype=torch.float32, kv_memory=[storage], kv_pools=pools)
     cache.add_pages(0, [2])
     slot_ids = cache.append([0], [1])
     keys = torch.ones(1, HEADS, head_dim)
@@ -108,4 +108,5 @@ def test_external_pool_of_the_wrong_shape_is_refused():
     keys, values = torch.zeros(4 * HEADS, BLOCK_SIZE, 8), torch.zeros(4, BLOCK_SIZE, 8)
     with pytest.raises(ValueError, match="values pool of layer 0"):
         PagedStreamCache(1, HEADS, 8, 4, 1, 4, block_size=BLOCK_SIZE, dtype=torch.float32,
+                         kv_memory=[torch.zeros(4 * HEADS, 2, BLOCK_SIZE, 8)],
                          kv_pools=[(keys, values)])

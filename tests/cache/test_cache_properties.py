@@ -1,5 +1,6 @@
 """Property tests: random sequences of allocate / append / compact / release / end over
-many requests keep the storage invariants and the stored data, after every operation."""
+many requests keep the storage invariants and the stored data of both tiers after every
+operation, and a low-bit row never changes once written (quantized once)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-from selection_cases import KINDS, expected_after, random_selection
+from selection_cases import (KINDS, empty_low_tier, expected_after, expected_low_after,
+                             random_selection)
 from vllm_kvcompress.cache import PagedStreamCache, PagePool, StreamView
+from vllm_kvcompress.cache.low_tier import LowTierView
 
-LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE = 2, 3, 4, 4
+LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE = 2, 3, 8, 4
 NUM_PAGES, MAX_REQUESTS, MAX_PAGES_PER_REQUEST = 20, 4, 14
 
 
@@ -28,6 +31,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.pool = PagePool(NUM_PAGES)
         self.tokens_seen: dict[int, int] = {}      # request slot -> tokens appended
         self.shadow: dict[int, list[StreamView]] = {}  # slot -> per layer, its streams
+        self.shadow_low: dict[int, list[LowTierView]] = {}   # slot -> per layer, its low tier
+        self.balance: dict[int, list[torch.Tensor]] = {}     # slot -> per layer, [H, D]
+        self.rows: dict[tuple, torch.Tensor] = {}   # (slot, layer, head, position) -> row bytes
 
     # ----- helpers -----
 
@@ -60,6 +66,8 @@ class CacheMachine(RuleBasedStateMachine):
                            torch.zeros(HEADS, 0, dtype=torch.float64),
                            torch.zeros(HEADS, dtype=torch.int64))
         self.shadow[slot] = [empty] * LAYERS
+        self.shadow_low[slot] = [empty_low_tier(HEADS, HEAD_DIM)] * LAYERS
+        self.balance[slot] = [torch.zeros(HEADS, HEAD_DIM)] * LAYERS
 
     @precondition(lambda self: self.tokens_seen)
     @rule(data=st.data(), seed=st.integers(0, 2**16))
@@ -113,14 +121,33 @@ class CacheMachine(RuleBasedStateMachine):
         slots = data.draw(st.lists(st.sampled_from(sorted(self.tokens_seen)), min_size=1,
                                    max_size=len(self.tokens_seen), unique=True))
         layers = data.draw(st.sampled_from([[0], [LAYERS - 1], list(range(LAYERS))]))
+        for slot in slots:                  # room for a growing low-bit tier, when there is
+            spare = min(2, MAX_PAGES_PER_REQUEST - self._pages(slot), self.pool.num_free)
+            self.cache.add_pages(slot, self.pool.allocate(spare))
         for layer in layers:
             view = self.cache.gather(layer, slots)
             selection = random_selection(view, seed + layer, keep_prob, kind)
             expected = expected_after(view, selection, HEADS)
-            self.cache.compact(layer, slots, selection)
+            tiered = selection.demote is not None or any(self.cache.low_tiers[s] for s in slots)
+            if tiered:
+                old_low = _concat_low([self.shadow_low[s][layer] for s in slots])
+                low, balance = expected_low_after(
+                    old_low, torch.cat([self.balance[s][layer] for s in slots]), view,
+                    selection, HEADS)
+            try:
+                self.cache.compact(layer, slots, selection)
+            except RuntimeError as error:
+                assert "head-blocks after compaction" in str(error)
+                event("compaction refused: low-bit tier outgrows the pages")
+                return
             for r, slot in enumerate(slots):
                 streams = slice(r * HEADS, (r + 1) * HEADS)
                 self.shadow[slot][layer] = StreamView(*(x[streams] for x in expected))
+                if tiered:
+                    if int(low.lengths[streams].sum()):
+                        event("compaction with low-bit rows")
+                    self.shadow_low[slot][layer] = LowTierView(*(x[streams] for x in vars(low).values()))
+                    self.balance[slot][layer] = balance[streams]
 
     @precondition(lambda self: self.tokens_seen)
     @rule(data=st.data())
@@ -139,7 +166,8 @@ class CacheMachine(RuleBasedStateMachine):
     def end_request(self, data):
         slot = data.draw(st.sampled_from(sorted(self.tokens_seen)))
         self.pool.free(self.cache.reset([slot]))
-        del self.tokens_seen[slot], self.shadow[slot]
+        del self.tokens_seen[slot], self.shadow[slot], self.shadow_low[slot], self.balance[slot]
+        self.rows = {key: row for key, row in self.rows.items() if key[0] != slot}
 
     # ----- invariants -----
 
@@ -160,11 +188,54 @@ class CacheMachine(RuleBasedStateMachine):
                                                getattr(want, name)[:, :width].double(),
                                                atol=1e-5, rtol=1e-5, msg=name)
 
+    @invariant()
+    def low_bit_tiers_hold_their_rows(self):
+        for slot, layers in self.shadow_low.items():
+            if self.cache.low_tiers[slot] is None:
+                continue
+            for layer, want in enumerate(layers):
+                got = self.cache.low_tier_view(layer, [slot])
+                assert torch.equal(got.lengths, want.lengths)
+                width = got.positions.shape[1]
+                assert torch.equal(got.positions, want.positions[:, :width])
+                for name in ("keys", "values", "scores"):
+                    assert torch.equal(getattr(got, name), getattr(want, name)[:, :width]), name
+
+    @invariant()
+    def a_low_bit_row_never_changes(self):
+        for slot in self.shadow_low:
+            tier = self.cache.low_tiers[slot]
+            for layer in range(LAYERS if tier is not None else 0):
+                low = self.cache._low_layer(layer, tier)
+                for head in range(HEADS):
+                    for t in range(int(self.cache.low.lengths[layer, slot, head])):
+                        block = int(self.cache.low.block_tables[layer, slot, head,
+                                                                t // low.slots_per_block])
+                        row = low.rows[block, t % low.slots_per_block].clone()
+                        key = (slot, layer, head, int(low.format.positions(row)))
+                        assert torch.equal(self.rows.setdefault(key, row), row), key
+
     def teardown(self):
         for slot in list(self.tokens_seen):
             self.pool.free(self.cache.reset([slot]))
         self.cache.check_invariants(self.pool.free_pages())
         assert self.pool.num_free == NUM_PAGES, "pages leaked"
+
+
+def _concat_low(views: list[LowTierView]) -> LowTierView:
+    """The low tiers of several requests as one padded batch (request-major)."""
+    width = max(v.positions.shape[1] for v in views)
+
+    def pad(x, fill):
+        shape = list(x.shape)
+        shape[1] = width - x.shape[1]
+        return torch.cat([x, x.new_full(shape, fill)], dim=1)
+
+    return LowTierView(torch.cat([pad(v.keys, 0.0) for v in views]),
+                       torch.cat([pad(v.values, 0.0) for v in views]),
+                       torch.cat([pad(v.positions, -1) for v in views]),
+                       torch.cat([pad(v.scores, 0.0) for v in views]),
+                       torch.cat([v.lengths for v in views]))
 
 
 def _append_to_view(view: StreamView, keys, values, positions, scores) -> StreamView:

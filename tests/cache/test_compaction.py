@@ -7,18 +7,81 @@ import pytest
 import torch
 
 from filled_cache import BLOCK_SIZE, HEADS, HEAD_DIM, LAYERS, assert_view_equals, filled_cache
-from selection_cases import KINDS, expected_after, random_selection
+from selection_cases import (KINDS, empty_low_tier, expected_after, expected_low_after,
+                             random_selection)
 from vllm_kvcompress.cache import PagedStreamCache
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import LowBitTier, Selection
+
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_compaction_equals_apply_selection(kind):
-    cache, pool = filled_cache([13, 30, 7])
+    cache, pool = filled_cache([13, 30, 7], spare_pages=2)
     view = cache.gather(1, [2, 0, 1])
     selection = random_selection(view, seed=5, keep_prob=0.5, kind=kind)
     cache.compact(1, [2, 0, 1], selection)
     assert_view_equals(cache.gather(1, [2, 0, 1]), expected_after(view, selection, HEADS))
+    if selection.demote is not None:
+        want, _ = expected_low_after(empty_low_tier(3 * HEADS, HEAD_DIM),
+                                     torch.zeros(3 * HEADS, HEAD_DIM), view, selection, HEADS)
+        assert_low_tier_equals(cache.low_tier_view(1, [2, 0, 1]), want)
+        assert int(cache.low.lengths[1].sum()) > 0
     cache.check_invariants(pool.free_pages())
+
+
+def assert_low_tier_equals(got, want):
+    assert torch.equal(got.lengths, want.lengths)
+    width = got.positions.shape[1]
+    assert torch.equal(got.positions, want.positions[:, :width])
+    for name in ("keys", "values", "scores"):
+        assert torch.equal(getattr(got, name), getattr(want, name)[:, :width]), name
+
+
+def test_demoted_rows_are_stored_once_and_moved_as_they_are():
+    """Three compactions in a row: rows already in the tier keep their bytes (codes,
+    params, position, rank) while new ones arrive, the cap drops the lowest ranks, and the
+    tier stays in token order after the full tier's blocks."""
+    cache, pool = filled_cache([30, 27], spare_pages=2)
+    old, balance = empty_low_tier(2 * HEADS, HEAD_DIM), torch.zeros(2 * HEADS, HEAD_DIM)
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    for step in range(3):
+        view = cache.gather(0, [1, 0])
+        selection = random_selection(view, seed=10 + step, keep_prob=0.6, kind="demote")
+        want, balance = expected_low_after(old, balance, view, selection, HEADS)
+        cache.compact(0, [1, 0], selection)
+        assert_low_tier_equals(cache.low_tier_view(0, [1, 0]), want)
+        assert_view_equals(cache.gather(0, [1, 0]), expected_after(view, selection, HEADS))
+        for (stream, position), row in rows_by_position(cache, [1, 0]).items():
+            assert torch.equal(seen.setdefault((stream, position), row), row)
+        cache.check_invariants(pool.free_pages())
+        old = want
+    assert int(want.lengths.max()) == 6                  # the cap (TIER.cap) was reached
+
+
+def rows_by_position(cache, slots):
+    """{(stream, position): row bytes} of layer 0's low-bit tiers."""
+    low = cache._low_layer(0, cache.low_tiers[slots[0]])
+    rows = {}
+    for r, slot in enumerate(slots):
+        for head in range(HEADS):
+            length = int(cache.low.lengths[0, slot, head])
+            for t in range(length):
+                block = int(cache.low.block_tables[0, slot, head, t // low.slots_per_block])
+                row = low.rows[block, t % low.slots_per_block].clone()
+                rows[(r * HEADS + head, int(low.format.positions(row)))] = row
+    return rows
+
+
+def test_a_low_tier_that_outgrows_the_pages_is_refused_before_writing():
+    cache, pool = filled_cache([8])                      # 2 pages
+    view = cache.gather(0, [0])
+    before = [x.clone() for x in cache.cells]
+    # 8 bits each way: a row is 24 bytes, 5 per head-block; everything demoted plus a
+    # full tier of 7 slots would need 2 + 2 head-blocks per head.
+    tier = LowBitTier(8, 8)
+    keep = view.positions >= 1
+    with pytest.raises(RuntimeError, match="head-blocks after compaction"):
+        cache.compact(0, [0], Selection(keep=keep, demote=~keep, low_tier=tier))
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.cells))
 
 
 def test_live_blocks_are_packed_into_the_first_pages_and_the_rest_released():

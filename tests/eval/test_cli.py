@@ -19,6 +19,29 @@ def test_eval_tasks_writes_results_plot_and_table(tmp_path, capsys):
     assert "| streaming@16 |" in capsys.readouterr().out
 
 
+def test_eval_takes_policy_options_and_memory_fractions(tmp_path, capsys):
+    assert main(["eval", "tasks", "--tasks", "passkey", "--lengths", "192", "--samples", "1",
+                 "--policies", "mikv:key_bits=4:lowbit_budget=null",
+                 "--policy-args", '{"value_bits": 2}', "--memory-fraction", "0.5",
+                 "--out", str(tmp_path)]) == 0
+    (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert record["setting"] == "mikv[key_bits=4,lowbit_budget=None,value_bits=2]@50%"
+    assert 0.4 < record["kv_fraction"] <= 0.55 and record["budget"] > 0
+    assert "KV bytes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--policies", "mikv:key_bits=9"], "kv_policy_args.key_bits=9: must be an integer >= 1 and <= 8"),
+    (["--policies", "mikv:key_bits"], "name:key=value"),
+    (["--policies", "mikv", "--memory-fraction", "0.05"], "at any budget"),
+    (["--memory-fraction", "1.5"], "each must be in (0, 1]"),
+])
+def test_eval_refuses_bad_policy_settings_before_running(tmp_path, arguments, message):
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        main(["eval", "tasks", "--tasks", "passkey", "--lengths", "192", "--samples", "1",
+              "--out", str(tmp_path), *arguments])
+
+
 def test_eval_rejects_unknown_tasks(tmp_path):
     with pytest.raises(SystemExit, match="unknown task"):
         main(["eval", "tasks", "--tasks", "passkey,nope", "--out", str(tmp_path)])

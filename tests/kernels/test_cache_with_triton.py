@@ -7,7 +7,7 @@ import torch
 
 from random_streams import DEVICE
 from vllm_kvcompress.cache import PagedStreamCache
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import Selection
 
 HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 2, 2, 16, 16
 

@@ -29,7 +29,8 @@ CASES = [
     ("think", {"recent": 8}),
     ("think", {"base": "kvmerger", "recent": 8}),
     ("mikv", {}),
-    ("mikv", {"base": "ems", "bits": 2}),
+    ("mikv", {"base": "ems", "key_bits": 2}),
+    ("mikv", {"base": "h2o", "lowbit_budget": 5}),
     ("mikv", {"base": "cam", "outlier_balancing": False}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in CASES]
@@ -116,7 +117,7 @@ def selection_rows(selection: Selection, streams, width: int) -> dict[str, torch
         value = getattr(selection, field.name)
         if isinstance(value, torch.Tensor):
             value = value[index]
-            if field.name not in ("key_channel_mask", "key_channel_scale"):
+            if field.name not in ("key_channel_mask", "key_balance"):
                 value = value[:, :width]
         rows[field.name] = value
     return rows
@@ -130,7 +131,7 @@ def assert_same_selection(a: dict, b: dict, live: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             assert type(x) is type(y) and x == y, name
             continue
-        if name in ("key_channel_mask", "key_channel_scale"):
+        if name in ("key_channel_mask", "key_balance"):
             mask = torch.ones_like(x, dtype=torch.bool)
         else:
             mask = (live if x.dim() == 2 else live[..., None]).expand_as(x)

@@ -7,8 +7,9 @@ import torch
 
 from policy_batches import make_batch
 from vllm_kvcompress.policies import Selection, apply_selection, implemented_policies, make_policy
-from vllm_kvcompress.policies.apply import fake_quantize
+from vllm_kvcompress.policies.apply import demoted
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
+from vllm_kvcompress.policies.selection import LowBitTier
 
 
 def test_every_known_policy_is_implemented():
@@ -33,7 +34,10 @@ def test_published_defaults():
     think = make_policy("think")
     assert (think.base.name, think.options["pruning_ratio"], think.options["recent"]) == ("snapkv", 0.4, 32)
     mikv = make_policy("mikv")
-    assert (mikv.base.name, mikv.options["bits"], mikv.query_window) == ("h2o", 3, 32)
+    assert (mikv.base.name, mikv.query_window) == ("snapkv", 32)
+    assert mikv.low_tier == LowBitTier(key_bits=3, value_bits=3, cap=None)
+    assert make_policy("mikv", lowbit_budget=500, value_bits=2).low_tier == LowBitTier(3, 2, 500)
+    assert make_policy("snapkv").low_tier is None
 
 
 def test_signals_each_policy_asks_for():
@@ -45,7 +49,8 @@ def test_signals_each_policy_asks_for():
     think = make_policy("think", base="h2o", recent=48)
     assert think.needs_window_queries and think.needs_accumulated and think.query_window == 48
     assert make_policy("think", window=64).query_window == 64
-    assert not make_policy("mikv", outlier_balancing=False).needs_window_queries
+    assert not make_policy("mikv", base="h2o", outlier_balancing=False).needs_window_queries
+    assert make_policy("mikv", base="h2o").query_window == 32
     assert not make_policy("d2o", allocator="uniform").needs_layer_densities
 
 
@@ -88,7 +93,10 @@ def test_unknown_option_of_a_composed_policy_names_the_base():
     ("cam", {"merge_tokens": 0}, ">= 1"),
     ("think", {"base": "think"}, "one of: snapkv"),
     ("think", {"pruning_ratio": 1.0}, "< 1.0"),
-    ("mikv", {"bits": 1}, ">= 2 and <= 8"),
+    ("mikv", {"key_bits": 0}, ">= 1 and <= 8"),
+    ("mikv", {"value_bits": 9}, ">= 1 and <= 8"),
+    ("mikv", {"lowbit_budget": -1}, ">= 0 (or null)"),
+    ("mikv", {"base": "mikv"}, "one of: snapkv"),
     ("mikv", {"outlier_balancing": "yes"}, "true or false"),
 ])
 def test_bad_option_values(name, options, fragment):
@@ -175,18 +183,25 @@ def test_value_only_merges_leave_keys_and_scores():
     assert torch.equal(out.values[0, 0], values[0])
 
 
-def test_low_precision_and_balancing():
-    data = make_batch([8], num_kv_heads=1, head_dim=16, seed=3)
-    keep = torch.ones(1, 8, dtype=torch.bool)
-    low = torch.zeros(1, 8, dtype=torch.bool)
-    low[0, 2:5] = True
-    scale = torch.rand(1, 16) + 0.5
-    selection = Selection(keep=keep, low_precision=low, quant_bits=2, key_channel_scale=scale)
-    out = apply_selection(data, selection)
-    assert torch.equal(out.keys[~low], data.keys[~low])
-    torch.testing.assert_close(out.keys[0, 2:5], fake_quantize(data.keys[0, 2:5] * scale, 2) / scale)
-    torch.testing.assert_close(out.values[0, 2:5], fake_quantize(data.values[0, 2:5], 2))
-    assert all(len(row.unique()) <= 4 for row in out.values[0, 2:5])
+def test_demoted_slots_are_live_and_never_kept():
+    data = make_batch([8, 5], num_kv_heads=2, head_dim=16, seed=3)
+    keep = torch.zeros(2, 8, dtype=torch.bool)
+    keep[:, :2] = True
+    demote = torch.ones(2, 8, dtype=torch.bool)
+    selection = Selection(keep=keep, demote=demote, low_tier=LowBitTier(3, 3))
+    assert demoted(data, selection).sum(dim=1).tolist() == [6, 3]
+    out = apply_selection(data, selection)   # the full tier only: demoted slots leave it
+    assert out.lengths.tolist() == [2, 2]
+    assert not demoted(data, Selection(keep=keep)).any()
+
+
+def test_low_tier_cap_keeps_the_highest_ranks():
+    ranks = torch.tensor([[0.5, 0.9, 0.1, 0.9, 0.3]])
+    candidates = torch.tensor([[True, True, True, True, False]])
+    assert LowBitTier(3, 3).survivors(ranks, candidates).tolist() == [[True, True, True, True, False]]
+    kept = LowBitTier(3, 3, cap=2).survivors(ranks, candidates)
+    assert kept.tolist() == [[False, True, False, True, False]]   # ties: the earlier column
+    assert not LowBitTier(3, 3, cap=0).survivors(ranks, candidates).any()
 
 
 def test_channel_pruning_only_on_pruned_slots():
@@ -212,17 +227,3 @@ def test_compaction_layout_and_max_len():
     assert (out.keys[0, 3:] == 0).all() and (out.positions[1, 2:] == -1).all()
     assert (out.acc_scores[1, 2:] == 0).all()
     assert out.window_queries is data.window_queries and out.layer_densities is data.layer_densities
-
-
-def test_fake_quantize():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(50, 32, generator=gen)
-    for bits in (2, 3, 4, 8):
-        y = fake_quantize(x, bits)
-        step = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / (2 ** bits - 1)
-        assert ((y - x).abs() <= step / 2 + 1e-6).all()
-        assert max(len(row.unique()) for row in y) <= 2 ** bits
-        torch.testing.assert_close(y.amin(1), x.amin(1))
-        torch.testing.assert_close(y.amax(1), x.amax(1))
-    constant = torch.full((1, 4), 3.25)
-    assert torch.equal(fake_quantize(constant, 2), constant)

@@ -3,8 +3,6 @@ merges what it should, the way its paper (or our documented definition) says."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -202,19 +200,25 @@ def test_think_prunes_the_channels_queries_ignore_except_on_recent_slots():
     assert torch.equal(out.keys[0, 8:12], data.keys[0, 36:40])
 
 
-def test_mikv_keeps_what_h2o_evicts_at_low_precision():
-    data = make_batch([40], num_kv_heads=1, head_dim=16, seed=6)
+def test_mikv_keeps_the_base_at_full_precision_and_demotes_the_rest():
+    data = make_batch([40, 9], num_kv_heads=2, head_dim=16, seed=6)
     data.acc_scores[0] = torch.linspace(1.0, 0.1, 40)   # earlier = heavier
-    selection = make_policy("mikv").compress(data, 12)
-    # High precision: H2O at budget 6 (3 heavy, 3 recent); then the 6 next heaviest.
-    low = set(selection.low_precision[0].nonzero().squeeze(1).tolist())
-    assert kept(selection) - low == {0, 1, 2, 37, 38, 39}
-    assert low == set(range(3, 9))
+    selection = make_policy("mikv", base="h2o").compress(data, 12)
+    # Full precision: H2O at the budget (6 heavy, 6 recent); every other token demoted.
+    assert kept(selection) == {*range(6), *range(34, 40)}
+    assert set(selection.demote[0].nonzero().squeeze(1).tolist()) == set(range(6, 34))
+    assert kept(selection, 1) == set(range(9)) and not selection.demote[1, :9].any()
+    torch.testing.assert_close(selection.demote_scores[0], data.acc_scores[0])
+    assert selection.low_tier == make_policy("mikv").low_tier
     queries = data.window_queries[0].abs().amax(dim=(0, 1))
     keys = data.keys[0].abs().amax(dim=0)
-    torch.testing.assert_close(selection.key_channel_scale[0], (queries / keys).sqrt())
-    out = apply_selection(data, selection)
-    assert torch.equal(out.keys[0, :3], data.keys[0, :3])
-    assert all(len(row.unique()) <= 2 ** 3 for row in out.values[0, 3:9])
-    error = (out.values[0, 3:9] - data.values[0, 3:9]).abs().max()
-    assert 0 < error < math.inf
+    torch.testing.assert_close(selection.key_balance[0], (queries / keys).sqrt())
+
+
+def test_mikv_does_not_demote_what_its_base_merges():
+    data = make_batch([40], num_kv_heads=1, head_dim=16, seed=7, key_bias=3.0)
+    selection = make_policy("mikv", base="ems").compress(data, 12)
+    merged = (selection.merge_into >= 0) & ~selection.keep
+    assert merged.any()
+    assert not (selection.demote & merged).any()
+    assert torch.equal(selection.demote | merged | selection.keep, data.live_mask())

@@ -10,7 +10,8 @@ import torch
 from policy_batches import (CASES, IDS, assert_same_selection, assert_same_streams, make_batch,
                             selection_rows, sub_batch, with_garbage_padding)
 from vllm_kvcompress.policies import apply_selection, make_policy
-from vllm_kvcompress.policies.base import ComposedPolicy, protected_mask
+from vllm_kvcompress.policies.base import ComposedPolicy
+from vllm_kvcompress.policies.ranking import protected_mask
 from vllm_kvcompress.policies.budgets import AdaKVAllocator
 
 LENGTHS = [40, 35, 22, 29, 40, 40, 9, 17]       # 4 requests x 2 KV heads, ragged
@@ -60,9 +61,7 @@ def test_selection_contract(name, options):
 
     assert not (keep & ~live).any()
     assert (selection.kept_counts() <= budgets).all()
-    if not (name == "mikv" and policy.base.name in ("ems", "kvmerger", "d2o", "elastic", "cam")):
-        # MiKV's low tier skips tokens its base merges elsewhere; all else fills the budget.
-        assert torch.equal(selection.kept_counts(), torch.minimum(data.lengths, budgets))
+    assert torch.equal(selection.kept_counts(), torch.minimum(data.lengths, budgets))
     protected = protected_mask(data, *policy.protection(BUDGET))
     fits = (protected.sum(dim=1) <= budgets)[:, None]
     assert not (protected & fits & ~keep).any(), "a protected slot was dropped"

@@ -9,7 +9,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from vllm_kvcompress.cache import PagedStreamCache
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import Selection
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     ISA,
     NativeCPUAttention,
@@ -45,6 +45,7 @@ def _compressed_cache(dtype: torch.dtype, gen: torch.Generator):
     cache = PagedStreamCache(
         LAYERS, HEADS, DIM, PAGES, max_requests=4, max_pages_per_request=PAGES,
         block_size=BLOCK, dtype=dtype,
+        kv_memory=kv_caches,
         kv_pools=[head_block_pools(kv, BLOCK, DIM, keys_transposed=True) for kv in kv_caches])
     slots, prompt_lens = [2, 0, 3], [70, 140, 5]
     pages = iter(torch.randperm(PAGES, generator=gen).tolist())

@@ -1,8 +1,8 @@
 """The vLLM path agrees with the reference runner (eval/reference_runner.py): same prompt,
-policy and budget -> the same kept token positions in every stream and the same greedy
-tokens. All requests share one batch, so its steps attend in two parts: vLLM's CPU kernel
-for the policies that read no accumulated attention, the torch path (with score emission)
-for those that do."""
+policy and budget -> the same kept token positions in every stream and tier and the same
+greedy tokens. All requests share one batch, so its steps attend in parts: vLLM's CPU
+kernel for the policies that read no accumulated attention, the torch path (with score
+emission) for those that do, and the torch path over both tiers for mikv."""
 
 from __future__ import annotations
 
@@ -67,21 +67,29 @@ def vllm_results(model_dir, prompts):
                     policy, index = output.request_id.split("/")
                     results[policy, int(index)] = (list(output.outputs[0].token_ids),
                                                    worker_kept_positions(output.request_id))
-    # Steps with both kinds of request attended in two parts: vLLM's kernel, then torch.
-    assert (True, False) in attention_paths
+    # Steps with all kinds of request attended in three parts: vLLM's kernel, the torch path
+    # with score emission, the torch path over a low-bit tier.
+    assert (True, False, False) in attention_paths
     return results
 
 
-def worker_kept_positions(request_id: str) -> list[list[torch.Tensor]]:
+def worker_kept_positions(request_id: str) -> list[list[list[torch.Tensor]]]:
+    """[tier][layer][head] -> positions: the full tier, then the low-bit tier (if any)."""
     runtime = runtime_registry.get()
     # vLLM's internal id is the request id plus a random suffix.
     (streams,) = [s for rid, s in runtime.requests.items() if rid.startswith(request_id + "-")]
-    kept = []
+    tiers = [[]]
     for layer in range(runtime.num_layers):
         view = runtime.cache.gather(layer, [streams.slot])
-        kept.append([view.positions[head, :view.lengths[head]].cpu()
-                     for head in range(runtime.num_kv_heads)])
-    return kept
+        tiers[0].append([view.positions[head, :view.lengths[head]].cpu()
+                         for head in range(runtime.num_kv_heads)])
+    if runtime.cache.low_tiers[streams.slot] is not None:
+        tiers.append([])
+        for layer in range(runtime.num_layers):
+            low = runtime.cache.low_tier_view(layer, [streams.slot])
+            tiers[1].append([low.positions[head, :low.lengths[head]].cpu()
+                             for head in range(runtime.num_kv_heads)])
+    return tiers
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +105,20 @@ def test_vllm_keeps_what_the_reference_runner_keeps(prefilled, vllm_results, pol
     runner, states = prefilled
     active = ActivePolicy.from_setting(Setting(policy, BUDGET, interval=INTERVAL))
     generation = runner.generate(states[index], MAX_TOKENS, active)
-    expected = generation.state.kept_positions()
+    expected = [generation.state.kept_positions()]
+    if active.policy.low_tier is not None:
+        expected.append(generation.state.low_positions())
     tokens, kept = vllm_results[policy, index]
 
     assert len(generation.state.compressions) >= 2  # after the prompt and during decode
     assert tokens == generation.token_ids
-    for layer, (heads, expected_heads) in enumerate(zip(kept, expected)):
-        for head, (positions, expected_positions) in enumerate(zip(heads, expected_heads)):
-            assert positions.tolist() == expected_positions.tolist(), (layer, head)
+    assert len(kept) == len(expected)
+    for tier, (layers, expected_layers) in enumerate(zip(kept, expected)):
+        for layer, (heads, expected_heads) in enumerate(zip(layers, expected_layers)):
+            for head, (positions, expected_positions) in enumerate(zip(heads, expected_heads)):
+                assert positions.tolist() == expected_positions.tolist(), (tier, layer, head)
+    if policy == "mikv":   # no token left behind: every one is in one tier or the other
+        everything = list(range(generation.state.num_tokens))
+        for full, low in zip(kept[0], kept[1]):
+            for head_full, head_low in zip(full, low):
+                assert sorted(head_full.tolist() + head_low.tolist()) == everything

@@ -6,7 +6,9 @@ blocks, then head 1's, ...), so a request's live head-blocks always fill its fir
 ceil(used / H) pages and the pages after them can be released. Every survivor is read into
 a buffer (merged there) before any destination is written (gather, then scatter), so
 sources and destinations may overlap freely. The result equals policies.apply's
-`apply_selection` on the gathered streams.
+`apply_selection` on the gathered streams. Requests with a low-bit tier keep it in the
+head-blocks after their full tier's: the slots a Selection demotes and the tier's
+surviving rows are read with everything else and written there (low_tier.py).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvcompress.cache.append import blocks_for
+from vllm_kvcompress.cache.low_tier import LowTierLayer, apply_low_tier, plan_low_tier
 from vllm_kvcompress.cache.pools import LayerPools
 from vllm_kvcompress.cache.selection_rewrites import rewrite_survivors
 from vllm_kvcompress.cache.stream_tables import StreamTables, stream_slot_ids
 from vllm_kvcompress.kernels import SlotMerge, gather_merge_slots, write_slots
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import Selection
 
 
 @dataclass
@@ -52,13 +55,22 @@ class CompactionPlan:
 
 
 def compact_layer(pools: LayerPools, tables: StreamTables, layer: int, slots: torch.Tensor,
-                  selection: Selection, impl: str | None = None) -> None:
-    """Apply `selection` (over the padded [R * H, T] layout of `gather`) to requests `slots`."""
+                  selection: Selection, impl: str | None = None,
+                  low: LowTierLayer | None = None) -> None:
+    """Apply `selection` (over the padded [R * H, T] layout of `gather`) to requests `slots`,
+    whose low-bit tiers (if they have one) are `low`."""
     plan = plan_compaction(tables, layer, slots, selection, pools.keys.shape[1])
     survivors = gather_merge_slots(*pools, plan.src, plan.merge, impl)
     survivors = rewrite_survivors(survivors, pools, selection, plan)
+    moves = None
+    if low is not None:
+        moves = plan_low_tier(low, pools, tables, layer, slots, selection, plan, plan.used_blocks)
+        plan.used_blocks = plan.used_blocks + moves.blocks
+        _check_capacity(tables, slots, plan.used_blocks)
     write_slots(*pools, plan.dst, survivors.keys, survivors.values, survivors.positions,
                 survivors.scores, impl)
+    if moves is not None:
+        apply_low_tier(low, layer, slots, moves)
     _commit_tables(tables, layer, slots, plan)
 
 
@@ -123,6 +135,16 @@ def _has_members(member: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[N, T] bool: kept slots that some member (non-kept valid slot) merges into."""
     counts = torch.zeros(member.shape, dtype=torch.int64, device=member.device)
     return counts.scatter_add_(1, target, member.long()) > 0
+
+
+def _check_capacity(tables: StreamTables, slots: torch.Tensor, used_blocks: torch.Tensor) -> None:
+    """Refuse (before writing anything) a compaction whose tiers outgrow the requests'
+    pages: the low tier can grow while the full tier shrinks."""
+    capacity = tables.page_counts[slots].long() * tables.num_kv_heads
+    if bool((used_blocks > capacity).any()):                                   # host sync
+        r = int((used_blocks > capacity).nonzero()[0])
+        raise RuntimeError(f"request slot {int(slots[r])} needs {int(used_blocks[r])} "
+                           f"head-blocks after compaction but its pages hold {int(capacity[r])}")
 
 
 def _commit_tables(tables: StreamTables, layer: int, slots: torch.Tensor,

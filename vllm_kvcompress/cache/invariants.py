@@ -6,8 +6,8 @@
    Shared prefix pages (`share_prefix`) are the exception: a page may belong to several
    requests when all but one of them hold it among their shared leading pages.
 2. A stream's live slots are its first `length` slots, in original token order (strictly
-   increasing positions).
-4. A request's head-blocks fit in its pages (used <= pages * H in every layer).
+   increasing positions); so are its low-bit tier's rows, and no position is in both tiers.
+4. A request's head-blocks of both tiers fit in its pages (used <= pages * H in every layer).
 """
 
 from __future__ import annotations
@@ -31,25 +31,41 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
         positions = cache.layers[layer].positions.cpu()
         block_tables = tables.block_tables[layer].cpu().tolist()
         lengths = tables.lengths[layer].cpu().tolist()
+        low_tables = cache.low.block_tables[layer].cpu().tolist()
+        low_lengths = cache.low.lengths[layer].cpu().tolist()
         used = tables.used_blocks[layer].cpu().tolist()
         owner: dict[int, tuple[int, int]] = {}
         for slot in range(cache.max_requests):
             local_of = {page: i for i, page in enumerate(pages[slot][:counts[slot]])}
             assert used[slot] <= counts[slot] * heads, \
                 f"layer {layer} slot {slot}: {used[slot]} head-blocks in {counts[slot]} pages"
+            tier = cache.low_tiers[slot]
+            low = None if tier is None else cache._low_layer(layer, tier)
+            assert low is not None or not any(low_lengths[slot]), \
+                f"layer {layer} slot {slot}: low-bit rows without a tier"
             taken = []
             for head in range(heads):
+                where = (layer, slot, head)
                 blocks = block_tables[slot][head][:-(-lengths[slot][head] // block_size)]
-                for block in blocks:
+                low_blocks = ([] if low is None else
+                              low_tables[slot][head][:-(-low_lengths[slot][head]
+                                                         // low.slots_per_block)])
+                for block in blocks + low_blocks:
                     assert block not in owner or block // heads in shared, (
-                        f"layer {layer}: head-block {block} owned by {owner[block]} and "
-                        f"{(slot, head)}")
-                    owner[block] = (slot, head)
+                        f"layer {layer}: head-block {block} owned by {owner[block]} and {where}")
+                    owner[block] = where
                     assert block // heads in local_of, \
                         f"layer {layer} slot {slot}: head-block {block} outside its pages"
                     taken.append(local_of[block // heads] * heads + block % heads)
-                _check_order(positions, blocks, lengths[slot][head], block_size,
-                             (layer, slot, head))
+                full = _ordered_positions(positions.view(-1), blocks, lengths[slot][head],
+                                          block_size, where)
+                if low is not None:
+                    rows = low.rows[torch.tensor(low_blocks, dtype=torch.long)].cpu()
+                    low_positions = low.format.positions(rows).view(-1)
+                    mine = _ordered_positions(low_positions, list(range(len(low_blocks))),
+                                              low_lengths[slot][head], low.slots_per_block,
+                                              where)
+                    assert not set(mine) & set(full), f"{where}: a position in both tiers"
             assert sorted(taken) == list(range(used[slot])), \
                 f"layer {layer} slot {slot}: local head-blocks {sorted(taken)}, used {used[slot]}"
 
@@ -68,11 +84,14 @@ def _check_pages(pages, counts, shared_counts, num_pages: int,
         assert set(free) | set(owned) == set(range(num_pages)), "free + owned != all pages"
 
 
-def _check_order(positions: torch.Tensor, blocks: list[int], length: int, block_size: int,
-                 where: tuple[int, int, int]) -> None:
+def _ordered_positions(positions: torch.Tensor, blocks: list[int], length: int,
+                       block_size: int, where: tuple[int, int, int]) -> list[int]:
+    """The positions of a tier's first `length` slots in `blocks` of `block_size` slots
+    (positions: flat, indexed like those slots), checked to be in token order."""
     if length == 0:
-        return
+        return []
     slots = torch.tensor(blocks)[:, None] * block_size + torch.arange(block_size)
-    stream_positions = positions.view(-1)[slots.view(-1)[:length]]
+    stream_positions = positions[slots.view(-1)[:length]]
     assert bool((stream_positions[1:] > stream_positions[:-1]).all()), \
         f"(layer, slot, head) {where}: positions not in token order: {stream_positions.tolist()}"
+    return stream_positions.tolist()

@@ -15,10 +15,14 @@ import torch
 from vllm_kvcompress.cache.append import append_tokens, pages_needed, plan_growth
 from vllm_kvcompress.cache.compaction import compact_layer
 from vllm_kvcompress.cache.invariants import check_invariants
-from vllm_kvcompress.cache.pools import LayerPools, create_layer_pools
+from vllm_kvcompress.cache.low_tier import LowTierLayer, LowTierTables, LowTierView, view_low_tier
+from vllm_kvcompress.cache.pools import (LayerPools, create_layer_pools, fresh_head_blocks,
+                                         head_block_cells)
 from vllm_kvcompress.cache.stream_tables import StreamTables, stream_slot_ids
 from vllm_kvcompress.kernels import paged_attention, write_slots
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.kernels.low_bit import LowBitFormat
+from vllm_kvcompress.kernels.low_bit_attention import low_bit_attention
+from vllm_kvcompress.policies.selection import LowBitTier, Selection
 
 IntsLike = Sequence[int] | torch.Tensor
 
@@ -38,27 +42,41 @@ class StreamView(NamedTuple):
 class PagedStreamCache:
     """Per-head paged KV cache: L layers x H KV heads, head-blocks of `block_size` slots.
 
-    kv_pools: optional list of L (keys, values) pairs of externally allocated head-block
-    pools, each [num_pages * H, block_size, head_size] with any strides (views of vLLM's KV
-    tensors); allocated here when None. max_blocks_per_stream defaults to
-    max_pages_per_request (a stream never holds more tokens than its request). impl: kernel
-    implementation ("torch", "triton", None = automatic, see kernels/dispatch.py).
+    kv_memory: optional list of L externally allocated layer tensors (vLLM's KV cache), each
+    num_pages * H head-blocks of 2 * block_size * head_size elements, contiguous, with
+    kv_pools: their L (keys, values) head-block views, each [num_pages * H, block_size,
+    head_size] with any strides; both allocated here when None. max_blocks_per_stream
+    defaults to max_pages_per_request (a stream never holds more tokens than its request).
+    impl: kernel implementation ("torch", "triton", None = automatic, kernels/dispatch.py).
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_size: int, num_pages: int,
                  max_requests: int, max_pages_per_request: int, block_size: int = 32,
                  dtype: torch.dtype = torch.float16, device: torch.device | str = "cpu",
+                 kv_memory: Sequence[torch.Tensor] | None = None,
                  kv_pools: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
                  max_blocks_per_stream: int | None = None, impl: str | None = None):
         self.num_layers, self.num_kv_heads, self.head_size = num_layers, num_kv_heads, head_size
         self.block_size, self.num_pages, self.max_requests = block_size, num_pages, max_requests
         self.device = torch.device(device)
         self.impl = impl
+        num_head_blocks = num_pages * num_kv_heads
+        if (kv_memory is None) != (kv_pools is None):
+            raise ValueError("kv_memory and kv_pools are given together (or neither)")
+        if kv_memory is None:
+            kv_memory = fresh_head_blocks(num_layers, num_head_blocks, block_size, head_size,
+                                          dtype, device)
+            kv_pools = [(kv[:, 0], kv[:, 1]) for kv in kv_memory]
         self.layers: list[LayerPools] = create_layer_pools(
-            num_layers, num_pages * num_kv_heads, block_size, head_size, dtype, device, kv_pools)
+            num_layers, num_head_blocks, block_size, head_size, dtype, device, kv_pools)
+        self.cells = [head_block_cells(kv, num_head_blocks) for kv in kv_memory]
         self.tables = StreamTables.create(
             num_layers, num_kv_heads, max_requests, max_pages_per_request,
             max_blocks_per_stream or max_pages_per_request, device)
+        # Low-bit tiers: tables, and each request's tier (host side; None = no tier).
+        self.low = LowTierTables.create(num_layers, num_kv_heads, max_requests,
+                                        self.tables.max_blocks_per_stream, head_size, device)
+        self.low_tiers: list[LowBitTier | None] = [None] * max_requests
         # Host copy of the page counts: the caller's own bookkeeping, read without syncs.
         self._page_counts = [0] * max_requests
         # Leading pages each request reads but another request wrote (share_prefix).
@@ -150,9 +168,11 @@ class PagedStreamCache:
         self.tables.lengths[:, device_slots] = 0
         self.tables.used_blocks[:, device_slots] = 0
         self.tables.page_counts[device_slots] = 0
+        self.low.reset(device_slots)
         for slot in slot_list:
             self._page_counts[slot] = 0
             self.shared_pages[slot] = 0
+            self.low_tiers[slot] = None
         return pages
 
     # ----- tokens -----
@@ -201,23 +221,53 @@ class PagedStreamCache:
 
     def compact(self, layer: int, slots: IntsLike, selection: Selection) -> None:
         """Apply a policy's Selection over `gather(layer, slots)`'s padded [R * H, T] layout:
-        survivors (merged per the Selection) become each stream's first slots, the
-        request's live head-blocks are repacked into its first pages. T must cover every
-        live slot (slots past T count as evicted)."""
+        survivors (merged per the Selection) become each stream's first slots, demoted
+        slots join the low-bit tier, and the request's live head-blocks of both tiers are
+        repacked into its first pages. T must cover every live slot (slots past T count as
+        evicted)."""
+        tier = self._low_tier_of([int(s) for s in slots], selection.low_tier)
+        low = None if tier is None else self._low_layer(layer, tier)
         compact_layer(self.layers[layer], self.tables, layer, self._slots(slots), selection,
-                      self.impl)
+                      self.impl, low)
 
     def attention(self, layer: int, query: torch.Tensor, query_start_loc: torch.Tensor,
                   slots: IntsLike, scale: float, emit_scores: bool = False,
-                  max_query_len: int | None = None) -> torch.Tensor:
+                  max_query_len: int | None = None,
+                  low_tier: LowBitTier | None = None) -> torch.Tensor:
         """Attention [tokens, Hq, D] of this step's queries [tokens, Hq, D] (request r's are
         query[qsl[r]:qsl[r + 1]], its last q_len tokens, already appended and written).
-        emit_scores adds each slot's attention mass to its accumulated score."""
+        emit_scores adds each slot's attention mass (over both tiers) to its accumulated
+        score. low_tier: the tier of those requests that have one (one softmax with it)."""
         pools = self.layers[layer]
+        slots = self._slots(slots)
+        prior = None
+        if low_tier is not None:
+            low = self._low_layer(layer, low_tier)
+            prior = low_bit_attention(query, low.rows, low.format, self.low.block_tables[layer],
+                                      self.low.lengths[layer], self.low.key_balance[layer],
+                                      slots, query_start_loc, scale, self.impl)
         return paged_attention(query, pools.keys, pools.values,
                                self.tables.block_tables[layer], self.tables.lengths[layer],
-                               self._slots(slots), query_start_loc, scale,
-                               pools.scores if emit_scores else None, max_query_len, self.impl)
+                               slots, query_start_loc, scale,
+                               pools.scores if emit_scores else None, max_query_len, self.impl,
+                               prior)
+
+    def low_tier_view(self, layer: int, slots: IntsLike) -> LowTierView:
+        """One layer's low-bit tiers of requests `slots` (which share a tier), decoded."""
+        tiers = {self.low_tiers[int(s)] for s in slots} - {None}
+        if len(tiers) != 1:
+            raise ValueError(f"requests {list(slots)} have low-bit tiers {tiers or 'none'}")
+        return view_low_tier(self._low_layer(layer, tiers.pop()), layer, self._slots(slots))
+
+    def bytes_held(self, slots: list[int]) -> int:
+        """KV bytes the requests' streams hold in both tiers, all layers (a host sync)."""
+        full_token = 2 * self.head_size * self.layers[0].keys.element_size()
+        row_bytes = torch.tensor([0 if self.low_tiers[s] is None
+                                  else self._format(self.low_tiers[s]).row_bytes for s in slots])
+        device_slots = self._slots(slots)
+        full = self.tables.lengths[:, device_slots].sum(dim=(0, 2)).cpu()
+        low = self.low.lengths[:, device_slots].sum(dim=(0, 2)).cpu()
+        return int((full * full_token + low * row_bytes).sum())
 
     def check_invariants(self, free_pages: torch.Tensor | None = None) -> None:
         """Raise AssertionError unless the storage invariants hold (tests; syncs freely).
@@ -225,6 +275,28 @@ class PagedStreamCache:
         check_invariants(self, free_pages)
 
     # ----- helpers -----
+
+    def _format(self, tier: LowBitTier) -> LowBitFormat:
+        return LowBitFormat(self.head_size, tier.key_bits, tier.value_bits)
+
+    def _low_layer(self, layer: int, tier: LowBitTier) -> LowTierLayer:
+        fmt = self._format(tier)
+        return LowTierLayer(tier, fmt, fmt.row_pool(self.cells[layer]), self.low)
+
+    def _low_tier_of(self, slots: list[int], tier: LowBitTier | None) -> LowBitTier | None:
+        """The low-bit tier shared by requests `slots` (recorded at their first compaction
+        with one); a request's tier never changes."""
+        known = {self.low_tiers[s] for s in slots} - {None}
+        if tier is not None:
+            known.add(tier)
+        if len(known) > 1:
+            raise ValueError(f"requests {slots} compacted together have different low-bit "
+                             f"tiers: {sorted(map(str, known))}")
+        tier = known.pop() if known else None
+        if tier is not None:
+            for slot in slots:
+                self.low_tiers[slot] = tier
+        return tier
 
     def _slots(self, slots: IntsLike) -> torch.Tensor:
         return torch.as_tensor(slots, dtype=torch.int64).to(self.device)

@@ -7,7 +7,8 @@ Head-block hb = page * H + kv_head holds block_size slots of one KV head:
   scores     [num_pages * H, block_size] float32  accumulated attention of each slot
 Inside vLLM `keys` and `values` are views of vLLM's per-layer KV tensor with whatever strides
 its attention kernel wants (on CPU keys are stored transposed in each block); the metadata
-pools are always the cache's own.
+pools are always the cache's own. The same memory read as bytes per head-block
+(`head_block_cells`) holds the rows of head-blocks in the low-bit tier (low_tier.py).
 """
 
 from __future__ import annotations
@@ -24,18 +25,26 @@ class LayerPools(NamedTuple):
     scores: torch.Tensor
 
 
+def fresh_head_blocks(num_layers: int, num_head_blocks: int, block_size: int, head_size: int,
+                      dtype: torch.dtype, device: torch.device | str) -> list[torch.Tensor]:
+    """Zeroed KV memory of L layers, [num_head_blocks, 2, block_size, head_size] each (a
+    head-block's keys, then its values)."""
+    return [torch.zeros((num_head_blocks, 2, block_size, head_size), dtype=dtype, device=device)
+            for _ in range(num_layers)]
+
+
+def head_block_cells(kv_memory: torch.Tensor, num_head_blocks: int) -> torch.Tensor:
+    """[num_head_blocks, cell_bytes] uint8: a layer's contiguous KV memory (any shape and
+    dtype, head-block-major) as raw bytes per head-block, for the low-bit tier's rows."""
+    return kv_memory.view(torch.uint8).view(num_head_blocks, -1)
+
+
 def create_layer_pools(num_layers: int, num_head_blocks: int, block_size: int, head_size: int,
                        dtype: torch.dtype, device: torch.device | str,
-                       kv_pools: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                       ) -> list[LayerPools]:
-    """One LayerPools per layer, over `kv_pools` ((keys, values) per layer) when given
-    (checked), else fresh zeros."""
+                       kv_pools: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[LayerPools]:
+    """One LayerPools per layer over `kv_pools` ((keys, values) per layer), checked."""
     shape = (num_head_blocks, block_size, head_size)
-    if kv_pools is None:
-        fresh = [torch.zeros((num_head_blocks, 2, block_size, head_size), dtype=dtype,
-                             device=device) for _ in range(num_layers)]
-        kv_pools = [(kv[:, 0], kv[:, 1]) for kv in fresh]
-    elif len(kv_pools) != num_layers:
+    if len(kv_pools) != num_layers:
         raise ValueError(f"{len(kv_pools)} KV pools given for {num_layers} layers")
     device = torch.device(device)
     for layer, pair in enumerate(kv_pools):

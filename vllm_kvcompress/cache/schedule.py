@@ -15,6 +15,10 @@ With prefix caching, the full pages a request wrote (or found in the cache) befo
 first compression are hashed by vLLM and may be read by other requests: compression never
 writes them. The first compression writes the survivors to fresh pages instead, and the
 request releases the full ones afterwards; they stay in vLLM's prefix cache.
+
+Policies with a low-bit tier (policies.selection.LowBitTier) keep every token they do not
+keep at full precision there, up to the tier's cap: the bound then counts bytes, as
+head-blocks of either kind (a low-bit head-block holds `low_slots_per_block` tokens).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class CompressionSchedule:
     compression copies the survivors into fresh pages and then lets the full ones go.
     reread_tokens: a prefix-cache hit leaves at least this many prompt tokens to compute
     (the policy's observation window needs their queries).
+    low_slots_per_block: tokens per head-block of the policy's low-bit tier (0: no tier);
+    low_cap: most tokens that tier keeps per stream (None: no cap).
     """
 
     budget: int
@@ -42,6 +48,8 @@ class CompressionSchedule:
     layer_budget: int | None = None
     shared_prefix: bool = False
     reread_tokens: int = 0
+    low_slots_per_block: int = 0
+    low_cap: int | None = None
 
     def should_compress(self, num_tokens: int, last_compressed_at: int, prompt_len: int) -> bool:
         """Compress after a step that ends with `num_tokens` processed?
@@ -65,16 +73,27 @@ class CompressionSchedule:
         return max(self.budget, self.layer_budget or 0) + self.interval - 1
 
     def pages_for_tokens(self, mean_tokens: int, num_tokens: int) -> int:
-        """Pages holding H streams of mean length `mean_tokens` (of `num_tokens` seen).
+        """Pages holding H streams of mean length `mean_tokens` (of `num_tokens` seen) at full
+        precision, and with a low-bit tier the tokens they do not keep.
 
         Uncompressed streams all have the same length: ceil(n / block_size) pages. Once
         compressed, heads may differ in length, and each stream may leave its last
         head-block partly empty: sum_h ceil(len_h / bs) <= (H * mean + H * (bs - 1)) / bs.
+        A low-bit tier adds sum_h ceil(low_h / P) head-blocks with low_h <= min(n - len_h,
+        cap); a full slot costs more than a low one, so the sum over heads is largest when
+        every full tier is at the mean: (mean + bs - 1) / bs + (low + P - 1) / P per stream.
         """
-        if mean_tokens >= num_tokens:
-            return _cdiv(num_tokens, self.block_size)
-        return min(_cdiv(num_tokens, self.block_size),
-                   _cdiv(mean_tokens + self.block_size - 1, self.block_size))
+        block_size, per_block = self.block_size, self.low_slots_per_block
+        if not per_block:
+            if mean_tokens >= num_tokens:
+                return _cdiv(num_tokens, block_size)
+            return min(_cdiv(num_tokens, block_size),
+                       _cdiv(mean_tokens + block_size - 1, block_size))
+        full = min(mean_tokens, num_tokens)
+        low = max(num_tokens - full, 0)
+        low = low if self.low_cap is None else min(low, self.low_cap)
+        return _cdiv((full + block_size - 1) * per_block + (low + per_block - 1) * block_size,
+                     block_size * per_block)
 
     def pages_for_step(self, num_computed: int, num_scheduled: int, prompt_len: int,
                        compressed: bool) -> int:
@@ -88,10 +107,14 @@ class CompressionSchedule:
         if compressed:
             kept = min(num_computed, self.compressed_tokens)
             return self.pages_for_tokens(kept + num_scheduled, num_tokens)
-        if self.shared_prefix and self.should_compress(num_tokens, 0, prompt_len):
-            return self.shared_pages(num_tokens) + self.pages_for_tokens(
-                self.max_tokens_after_step(num_tokens, prompt_len), num_tokens)
-        return _cdiv(num_tokens, self.block_size)
+        first = self.should_compress(num_tokens, 0, prompt_len)
+        after = self.pages_for_tokens(self.max_tokens_after_step(num_tokens, prompt_len),
+                                      num_tokens)
+        if self.shared_prefix and first:
+            return self.shared_pages(num_tokens) + after
+        whole = _cdiv(num_tokens, self.block_size)
+        # A stream split between two tiers may leave two head-blocks partly empty.
+        return max(whole, after) if first and self.low_slots_per_block else whole
 
     def pages_to_keep(self, num_computed: int, prompt_len: int, compressed: bool) -> int:
         """Pages a running request keeps between steps: enough for one more decode step,

@@ -1,7 +1,7 @@
 """The rewrites a Selection asks of its survivors beyond class merges, applied to the
-gathered survivor buffer before it is scattered back: value-only merges (CaM), low
-precision (MiKV), key-channel pruning (ThinK). Steps 2-4 of policies.apply's
-`apply_selection`, with the same arithmetic (float32, cast back to the pool's dtype).
+gathered survivor buffer before it is scattered back: value-only merges (CaM) and
+key-channel pruning (ThinK). Steps 2-3 of policies.apply's `apply_selection`, with the
+same arithmetic (float32, cast back to the pool's dtype).
 These policies are rare and the buffer is small, so plain torch ops (any device) suffice.
 """
 
@@ -14,8 +14,7 @@ import torch
 
 from vllm_kvcompress.cache.pools import LayerPools
 from vllm_kvcompress.kernels import GatheredSlots
-from vllm_kvcompress.policies.apply import fake_quantize
-from vllm_kvcompress.policies.base import Selection
+from vllm_kvcompress.policies.selection import Selection
 
 if TYPE_CHECKING:
     from vllm_kvcompress.cache.compaction import CompactionPlan
@@ -23,14 +22,12 @@ if TYPE_CHECKING:
 
 def rewrite_survivors(survivors: GatheredSlots, pools: LayerPools, selection: Selection,
                       plan: CompactionPlan) -> GatheredSlots:
-    """The survivors [M, D] after value merges, low precision and channel pruning, in
-    apply_selection's order; unchanged when the Selection asks for none."""
+    """The survivors [M, D] after value merges and channel pruning, in apply_selection's
+    order; unchanged when the Selection asks for neither."""
     keys, values = survivors.keys, survivors.values
     stream = plan.kept_flat // plan.keep.shape[1]                    # [M] stream of each row
     if selection.value_merge_into is not None:
         values = _value_merges(values, pools, selection, plan)
-    if selection.low_precision is not None:
-        keys, values = _low_precision(keys, values, selection, plan, stream)
     if selection.key_channel_mask is not None:
         pruned = (torch.ones_like(plan.kept_flat, dtype=torch.bool)
                   if selection.key_pruned_slots is None
@@ -59,19 +56,3 @@ def _value_merges(values: torch.Tensor, pools: LayerPools, selection: Selection,
     received = torch.zeros(len(values), dtype=torch.bool, device=values.device)
     received[row] = True
     return torch.where(received[:, None], (values.float() + added).to(values.dtype), values)
-
-
-def _low_precision(keys: torch.Tensor, values: torch.Tensor, selection: Selection,
-                   plan: CompactionPlan, stream: torch.Tensor):
-    """Kept low-precision rows: key <- fake_quantize(key * b) / b, value <- fake_quantize."""
-    bits = selection.quant_bits
-    if not 2 <= bits <= 8:
-        raise ValueError(f"quant_bits={bits}: must be in 2..8 with low_precision")
-    low = selection.low_precision.flatten()[plan.kept_flat][:, None]
-    if selection.key_channel_scale is None:
-        quant_keys = fake_quantize(keys, bits)
-    else:
-        scale = selection.key_channel_scale[stream].float()
-        quant_keys = fake_quantize(keys.float() * scale, bits) / scale
-    return (torch.where(low, quant_keys.to(keys.dtype), keys),
-            torch.where(low, fake_quantize(values, bits).to(values.dtype), values))

@@ -48,8 +48,16 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"a bundled model ({', '.join(MODELS)}) or a Hugging Face folder")
     parser.add_argument("--policies", default="none,all",
-                        help="comma-separated; 'none' = dense, 'all' = every implemented policy")
+                        help="comma-separated; 'none' = dense, 'all' = every implemented policy; "
+                             "a policy may carry options: mikv:key_bits=4:lowbit_budget=512")
+    parser.add_argument("--policy-args", type=json.loads, default={}, metavar="JSON",
+                        help="options (kv_policy_args) for every listed policy, e.g. "
+                             "'{\"allocator\": \"adakv\"}'; a policy's own win")
     parser.add_argument("--budgets", default="64,128,256,512", help="comma-separated budgets")
+    parser.add_argument("--memory-fraction", default=None, metavar="F[,F...]",
+                        help="instead of --budgets: each policy's budget such that its KV bytes "
+                             "are this share of full precision at each prompt length "
+                             "(e.g. 0.125,0.25); low-bit tiers count by their packed size")
     parser.add_argument("--window", type=int, help="protected recent tokens (None: the policy's default)")
     parser.add_argument("--sinks", type=int, help="protected first tokens (None: the policy's default)")
     parser.add_argument("--interval", type=int, default=16, help="decode tokens between compressions")
@@ -72,6 +80,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from vllm_kvcompress.eval.harness import evaluate
+    from vllm_kvcompress.eval.memory import KVShape
     from vllm_kvcompress.eval.plot import plot_accuracy
     from vllm_kvcompress.eval.results import format_table, summarize, write_results
     from vllm_kvcompress.eval.tasks import TASKS, make_samples
@@ -86,6 +95,13 @@ def run_tasks(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
     samples = make_samples(task_names, [int(n) for n in _split(args.lengths)], args.samples,
                            args.seed, lambda text: len(tokenizer(text).input_ids))
+    shape = KVShape.of_model(model)
+    for setting in settings:   # a memory fraction no budget reaches fails before any run
+        for sample in samples:
+            try:
+                setting.at_memory(sample.num_tokens, shape)
+            except ValueError as error:
+                raise SystemExit(f"vllm-kvcompress eval: {setting.label}: {error}") from None
     runner = _runner(args, model)
     config = {"command": " ".join(sys.argv), "model": str(model), "runner": args.runner,
               "tasks": task_names, "samples": args.samples, "seed": args.seed,
@@ -101,7 +117,7 @@ def run_tasks(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         write_results(results_path, config, records)  # partial results survive a crash
 
-    evaluate(runner, samples, settings, on_record)
+    evaluate(runner, samples, settings, on_record, shape)
     config["seconds"] = round(time.monotonic() - started)
     write_results(results_path, config, records)
     summary = summarize(records)
@@ -120,9 +136,10 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if len(token_ids) < args.prefix + args.scored:
         raise SystemExit(f"vllm-kvcompress eval: the text has {len(token_ids)} tokens, fewer than "
                          f"--prefix + --scored = {args.prefix + args.scored}")
+    settings = [setting.at_memory(args.prefix, runner.kv_shape) for setting in _settings(args)]
     started = time.monotonic()
     results = perplexity_check(
-        runner, token_ids[:args.prefix + args.scored], args.prefix, _settings(args),
+        runner, token_ids[:args.prefix + args.scored], args.prefix, settings,
         on_result=lambda r: print(f"[{time.monotonic() - started:7.0f}s] {r.setting}: perplexity "
                                   f"{r.perplexity:.3f}, agreement {r.agreement:.3f}",
                                   file=sys.stderr, flush=True))
@@ -146,13 +163,42 @@ def resolve_model(name_or_path: str) -> Path | str:
 
 def _settings(args: argparse.Namespace):
     from vllm_kvcompress.eval.settings import settings_grid
-    from vllm_kvcompress.policies.registry import implemented_policies
+    from vllm_kvcompress.policies.registry import implemented_policies, make_policy
 
-    policies: list[str] = []
-    for name in _split(args.policies):
-        policies += [p for p in implemented_policies() if p != "none"] if name == "all" else [name]
-    return settings_grid(list(dict.fromkeys(policies)), [int(b) for b in _split(args.budgets)],
-                         args.window, args.sinks, args.interval)
+    policies: list[tuple[str, dict]] = []
+    for spec in _split(args.policies):
+        name, options = parse_policy(spec)
+        names = [p for p in implemented_policies() if p != "none"] if name == "all" else [name]
+        policies += [(each, options) for each in names]
+    fractions = [float(f) for f in _split(args.memory_fraction or "")]
+    if any(not 0 < f <= 1 for f in fractions):
+        raise SystemExit(f"vllm-kvcompress eval: --memory-fraction={args.memory_fraction}: "
+                         "each must be in (0, 1]")
+    settings = settings_grid(policies, [int(b) for b in _split(args.budgets)], args.window,
+                             args.sinks, args.interval, args.policy_args, fractions)
+    for setting in settings:   # a bad option fails here, naming it, not mid-run
+        if not setting.dense:
+            try:
+                make_policy(setting.policy, setting.window, setting.sinks, **setting.options)
+            except ValueError as error:
+                raise SystemExit(f"vllm-kvcompress eval: {error}") from None
+    return settings
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """'mikv:key_bits=4:lowbit_budget=null' -> ('mikv', {'key_bits': 4, 'lowbit_budget': None});
+    values are read as YAML scalars (numbers, true/false, null, [lists])."""
+    import yaml
+
+    name, *pairs = spec.split(":")
+    options = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise SystemExit(f"vllm-kvcompress eval: --policies entry {spec!r}: options are "
+                             "written name:key=value[:key=value...]")
+        options[key] = yaml.safe_load(value)
+    return name, options
 
 
 def _runner(args: argparse.Namespace, model: Path | str):

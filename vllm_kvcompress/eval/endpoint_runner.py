@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
+from vllm_kvcompress.eval.harness import OnAnswer
 from vllm_kvcompress.eval.samples import Sample
 from vllm_kvcompress.eval.settings import Setting
 
 # What a request may override on this plugin's server (vllm_plugin/request_settings.py,
-# REQUEST_KEYS); interval, sinks and policy options are the server's own flags.
-REQUEST_KEYS = ("kv_policy", "budget", "kv_window")
+# REQUEST_KEYS); interval and sinks are the server's own flags.
+REQUEST_KEYS = ("kv_policy", "budget", "kv_window", "kv_policy_args")
 
 # When to put a setting in the request body's `vllm_xargs`:
 #   auto:   compressed settings only (dense requests are plain, so stock servers answer them)
@@ -61,7 +62,7 @@ class EndpointRunner:
         self.timeout = timeout
 
     def run(self, samples: Sequence[Sample], settings: Sequence[Setting],
-            on_answer: Callable[[Sample, Setting, str], None]) -> None:
+            on_answer: OnAnswer) -> None:
         if self.xargs == "never" and len(settings) != 1:
             raise ValueError("with xargs=never the server decides the setting: give exactly one")
         model, max_model_len = self.served_model()

@@ -3,7 +3,8 @@
 Each KV head is a stream with its own length: tensors are padded to a capacity C and only
 the first `lengths[h]` slots of head h are live, in original token order. Next to K/V every
 slot keeps its token position and accumulated attention; the layer also keeps the last W
-queries of every query head (the observation window), as the vLLM path does.
+queries of every query head (the observation window), as the vLLM path does. Policies with
+a low-bit tier add one more tier per stream (`low`, kept as the cache reads it back).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvcompress.policies.base import StreamBatch
+from vllm_kvcompress.cache.low_tier import (LowTierView, frozen_balance, low_tier_after)
+from vllm_kvcompress.kernels.low_bit import LowBitFormat
+from vllm_kvcompress.policies.selection import LowBitTier, Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch
 
 # Extra slots allocated when a stream outgrows its tensors (saves a copy per decode step).
 GROWTH = 64
@@ -28,6 +32,9 @@ class LayerStreams:
     lengths:          [H] int64
     window_queries:   [H, G, W, D]  last W queries after RoPE, oldest first (zeros if absent)
     window_positions: [W] int64  their token positions (-1 = absent)
+    low:              the low-bit tier ([H, A, D] keys and values as read back, positions,
+                      ranks, lengths), None before a policy with one compressed the layer
+    key_balance:      [H, D] float32 outlier balancing of the low-bit keys (0 = not fixed)
     """
 
     keys: torch.Tensor
@@ -37,6 +44,8 @@ class LayerStreams:
     lengths: torch.Tensor
     window_queries: torch.Tensor
     window_positions: torch.Tensor
+    low: LowTierView | None = None
+    key_balance: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, num_kv_heads: int, group: int, head_size: int, window: int,
@@ -60,7 +69,10 @@ class LayerStreams:
         return int(self.lengths.max())
 
     def clone(self) -> LayerStreams:
-        return LayerStreams(*(tensor.clone() for tensor in vars(self).values()))
+        low = None if self.low is None else LowTierView(*(x.clone() for x in vars(self.low).values()))
+        return LayerStreams(
+            *(tensor.clone() for name, tensor in vars(self).items() if name not in ("low", "key_balance")),
+            low=low, key_balance=None if self.key_balance is None else self.key_balance.clone())
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Write S new tokens after each stream's live slots.
@@ -118,6 +130,27 @@ class LayerStreams:
         self.acc_scores = torch.where(live, batch.acc_scores.float(), 0.0)
         self.lengths = batch.lengths.clone()
         self._grow(length + GROWTH)
+
+    def demote(self, batch: StreamBatch, selection: Selection, tier: LowBitTier) -> None:
+        """Add the slots `selection` demotes from `batch` (this layer's streams before the
+        compaction) to the low-bit tier, as the paged cache stores them (cache/low_tier.py)."""
+        heads, _, head_size = batch.keys.shape
+        if self.low is None:
+            self.low = LowTierView(torch.zeros(heads, 0, head_size), torch.zeros(heads, 0, head_size),
+                                   torch.zeros(heads, 0, dtype=torch.long), torch.zeros(heads, 0),
+                                   torch.zeros(heads, dtype=torch.long))
+            self.key_balance = torch.zeros(heads, head_size)
+        balance = frozen_balance(self.key_balance, selection.key_balance)
+        fmt = LowBitFormat(head_size, tier.key_bits, tier.value_bits)
+        self.low = low_tier_after(self.low, batch, selection, tier, fmt, balance)
+        self.key_balance = balance
+
+    def low_positions(self) -> list[torch.Tensor]:
+        """Token positions in each stream's low-bit tier: H tensors of int64 (empty when
+        there is none), in token order."""
+        if self.low is None:
+            return [torch.zeros(0, dtype=torch.long) for _ in range(self.keys.shape[0])]
+        return [self.low.positions[h, :n].clone() for h, n in enumerate(self.low.lengths.tolist())]
 
     def kept_positions(self) -> list[torch.Tensor]:
         """Token positions held by each stream: H tensors of int64, in slot order."""

@@ -7,9 +7,10 @@ the plugin inside vLLM.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from vllm_kvcompress.eval.harness import OnAnswer
 from vllm_kvcompress.eval.samples import Sample
 from vllm_kvcompress.eval.settings import Setting
 
@@ -26,7 +27,7 @@ class OfflineRunner:
         self.engine_args = {"enforce_eager": True, **(engine_args or {})}
 
     def run(self, samples: Sequence[Sample], settings: Sequence[Setting],
-            on_answer: Callable[[Sample, Setting, str], None]) -> None:
+            on_answer: OnAnswer) -> None:
         from vllm import LLM, SamplingParams
 
         max_len = max(s.num_tokens + s.max_new_tokens for s in samples) + LENGTH_MARGIN

@@ -3,7 +3,8 @@
 The first `prefix` tokens are the prompt (prefilled once, compressed per the schedule);
 the next tokens are fed one at a time, compressing every `interval` steps. Reported per
 setting: perplexity of those tokens, and greedy agreement: the share of positions where
-the model's top token equals the full-KV model's top token.
+the model's top token equals the full-KV model's top token, and the KV bytes the streams
+held at the end against full precision (eval/memory.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class PerplexityResult:
     perplexity: float
     agreement: float
     num_tokens: int
+    kv_fraction: float
 
 
 def perplexity_check(runner: ReferenceRunner, token_ids: Sequence[int], prefix: int,
@@ -39,25 +41,26 @@ def perplexity_check(runner: ReferenceRunner, token_ids: Sequence[int], prefix: 
     prefilled = runner.prefill(token_ids[:prefix], window)
     targets = list(token_ids[prefix:])
     dense = runner.teacher_force(prefilled, targets)
-    results = [_result(Setting(), dense.nll, 1.0)]
+    results = [_result(Setting(), dense.nll, 1.0, 1.0)]
     on_result(results[0])
     for active in actives.values():
         forced = runner.teacher_force(prefilled, targets, active)
         agreement = float((forced.argmax == dense.argmax).float().mean())
-        results.append(_result(active.setting, forced.nll, agreement))
+        memory = runner.memory(forced.state, active)
+        results.append(_result(active.setting, forced.nll, agreement, memory.fraction))
         on_result(results[-1])
     return results
 
 
-def _result(setting: Setting, nll, agreement: float) -> PerplexityResult:
+def _result(setting: Setting, nll, agreement: float, kv_fraction: float) -> PerplexityResult:
     return PerplexityResult(setting=setting.label, policy=setting.policy, budget=setting.budget,
                             perplexity=math.exp(float(nll.mean())), agreement=agreement,
-                            num_tokens=len(nll))
+                            num_tokens=len(nll), kv_fraction=kv_fraction)
 
 
 def format_perplexity_table(results: Sequence[PerplexityResult]) -> str:
-    lines = ["| setting | perplexity | greedy agreement with dense | scored tokens |",
-             "|---|---|---|---|"]
-    lines += [f"| {r.setting} | {r.perplexity:.3f} | {100 * r.agreement:.1f}% | {r.num_tokens} |"
-              for r in results]
+    lines = ["| setting | budget | KV bytes | perplexity | greedy agreement with dense | scored tokens |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.setting} | {r.budget or '-'} | {100 * r.kv_fraction:.1f}% | {r.perplexity:.3f} "
+              f"| {100 * r.agreement:.1f}% | {r.num_tokens} |" for r in results]
     return "\n".join(lines)

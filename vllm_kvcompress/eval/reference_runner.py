@@ -15,7 +15,7 @@ Prefill does not depend on the policy, so a prompt is prefilled once and every
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vllm_kvcompress.cache.schedule import CompressionSchedule
+from vllm_kvcompress.eval.harness import OnAnswer
 from vllm_kvcompress.eval.layer_streams import LayerStreams
+from vllm_kvcompress.eval.memory import KVMemory, KVShape, held_memory
 from vllm_kvcompress.eval.request_state import CompressionRecord, RequestState
 from vllm_kvcompress.eval.samples import Sample
 from vllm_kvcompress.eval.settings import Setting
@@ -71,10 +73,12 @@ class Generation:
 @dataclass
 class TeacherForcing:
     """Per target token: nll [K] float32 (negative log-likelihood of the target) and
-    argmax [K] int64 (the model's greedy choice at that position)."""
+    argmax [K] int64 (the model's greedy choice at that position); state: the request
+    after the last target was scored."""
 
     nll: torch.Tensor
     argmax: torch.Tensor
+    state: RequestState
 
 
 class ReferenceRunner:
@@ -92,6 +96,8 @@ class ReferenceRunner:
         self.scale = self.head_size ** -0.5
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+        # KV bytes are counted in the checkpoint's dtype, as vLLM would store them.
+        self.kv_shape = KVShape.of_model(model_dir)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text).input_ids)
@@ -126,9 +132,12 @@ class ReferenceRunner:
             if policy.needs_layer_densities:
                 batch.layer_densities = state.layer_densities
             selection = policy.compress(batch, active.setting.budget)
+            if policy.low_tier is not None:
+                layer.demote(batch, selection, policy.low_tier)
             layer.replace_streams(apply_selection(batch, selection))
         state.last_compressed_at = state.num_tokens
-        state.compressions.append(CompressionRecord(state.num_tokens, state.kept_positions()))
+        state.compressions.append(CompressionRecord(state.num_tokens, state.kept_positions(),
+                                                    state.low_positions()))
 
     def maybe_compress(self, state: RequestState, active: ActivePolicy | None) -> None:
         if active is not None and active.schedule.should_compress(
@@ -166,17 +175,26 @@ class ReferenceRunner:
             if index + 1 < len(targets):
                 self.step(state, target)
                 self.maybe_compress(state, active)
-        return TeacherForcing(nll=torch.stack(nll), argmax=torch.stack(argmax))
+        return TeacherForcing(nll=torch.stack(nll), argmax=torch.stack(argmax), state=state)
 
     def run(self, samples: Sequence[Sample], settings: Sequence[Setting],
-            on_answer: Callable[[Sample, Setting, str], None]) -> None:
+            on_answer: OnAnswer) -> None:
         """The harness's runner interface: prefill each prompt once, decode every setting."""
         actives = [None if setting.dense else ActivePolicy.from_setting(setting) for setting in settings]
         window = max((active.window for active in actives if active is not None), default=0)
         for sample in samples:
             prefilled = self.prefill(self.tokenizer(sample.prompt).input_ids, window)
             for setting, active in zip(settings, actives):
-                on_answer(sample, setting, self.generate(prefilled, sample.max_new_tokens, active).text)
+                generation = self.generate(prefilled, sample.max_new_tokens, active)
+                on_answer(sample, setting, generation.text, self.memory(generation.state, active))
+
+    def memory(self, state: RequestState, active: ActivePolicy | None) -> KVMemory:
+        """The KV bytes a request's streams hold, both tiers (see eval/memory.py)."""
+        full = torch.stack([layer.lengths for layer in state.layers])
+        low = torch.stack([layer.low.lengths if layer.low is not None
+                           else torch.zeros_like(layer.lengths) for layer in state.layers])
+        return held_memory(full, low, state.num_tokens, None if active is None else active.policy,
+                           self.kv_shape)
 
     def _forward(self, state: RequestState, token_ids: list[int]) -> None:
         positions = torch.arange(state.num_tokens, state.num_tokens + len(token_ids))

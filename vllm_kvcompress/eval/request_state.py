@@ -12,10 +12,12 @@ from vllm_kvcompress.eval.layer_streams import LayerStreams
 @dataclass
 class CompressionRecord:
     """Kept token positions after one compression: kept[layer][kv_head] is an int64
-    tensor of positions in slot order. num_tokens: tokens processed when it ran."""
+    tensor of positions in slot order, low[layer][kv_head] those in the low-bit tier.
+    num_tokens: tokens processed when it ran."""
 
     num_tokens: int
     kept: list[list[torch.Tensor]]
+    low: list[list[torch.Tensor]]
 
 
 @dataclass
@@ -44,5 +46,10 @@ class RequestState:
         )
 
     def kept_positions(self) -> list[list[torch.Tensor]]:
-        """Token positions each stream holds now: [layer][kv_head] -> int64 tensor."""
+        """Token positions each stream holds now at full precision: [layer][kv_head] ->
+        int64 tensor."""
         return [layer.kept_positions() for layer in self.layers]
+
+    def low_positions(self) -> list[list[torch.Tensor]]:
+        """Token positions in each stream's low-bit tier: [layer][kv_head] -> int64 tensor."""
+        return [layer.low_positions() for layer in self.layers]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_kvcompress.eval.memory import KVShape
 
 DENSE = "none"
 
@@ -15,7 +18,8 @@ class Setting:
 
     window, sinks: None = the policy's defaults. interval: decode tokens between
     compressions (the plugin's --kv-interval). options: policy-specific arguments
-    (the plugin's kv_policy_args).
+    (the plugin's kv_policy_args). memory_fraction: instead of a fixed budget, the budget
+    whose KV bytes are this share of full precision at each prompt's length (`at_memory`).
     """
 
     policy: str = DENSE
@@ -24,6 +28,7 @@ class Setting:
     sinks: int | None = None
     interval: int = 16
     options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    memory_fraction: float | None = None
 
     @property
     def dense(self) -> bool:
@@ -31,7 +36,26 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return "dense" if self.dense else f"{self.policy}@{self.budget}"
+        if self.dense:
+            return "dense"
+        name = self.policy
+        if self.options:
+            name += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
+        if self.memory_fraction is not None:
+            return f"{name}@{100 * self.memory_fraction:g}%"
+        return f"{name}@{self.budget}"
+
+    def at_memory(self, num_tokens: int, shape: KVShape) -> Setting:
+        """This setting with the budget that holds `memory_fraction` of the full KV bytes of
+        `num_tokens` tokens (eval/memory.py); itself when it has a fixed budget."""
+        if self.dense or self.memory_fraction is None:
+            return self
+        from vllm_kvcompress.eval.memory import budget_for_memory
+        from vllm_kvcompress.policies.registry import make_policy
+
+        policy = make_policy(self.policy, self.window, self.sinks, **self.options)
+        return replace(self, budget=budget_for_memory(policy, self.memory_fraction, num_tokens,
+                                                      shape))
 
     def plugin_settings(self) -> dict[str, Any]:
         """The plugin's setting names and values (for additional_config and vllm_xargs)."""
@@ -48,11 +72,18 @@ class Setting:
         return values
 
 
-def settings_grid(policies: Sequence[str], budgets: Sequence[int], window: int | None = None,
-                  sinks: int | None = None, interval: int = 16,
-                  options: dict[str, Any] | None = None) -> list[Setting]:
-    """Dense once (if listed) plus every other policy at every budget."""
-    grid = [Setting()] if DENSE in policies else []
-    grid += [Setting(policy, budget, window, sinks, interval, dict(options or {}))
-             for policy in policies if policy != DENSE for budget in budgets]
+def settings_grid(policies: Sequence[str | tuple[str, dict[str, Any]]], budgets: Sequence[int],
+                  window: int | None = None, sinks: int | None = None, interval: int = 16,
+                  options: dict[str, Any] | None = None,
+                  memory_fractions: Sequence[float] = ()) -> list[Setting]:
+    """Dense once (if listed) plus every other policy at every budget, or at every memory
+    fraction when some are given. A policy may come with its own options, (name, options),
+    which override the shared `options`."""
+    specs = [(p, {}) if isinstance(p, str) else p for p in policies]
+    grid = [Setting()] if any(name == DENSE for name, _ in specs) else []
+    sizes = ([dict(memory_fraction=f) for f in memory_fractions] if memory_fractions
+             else [dict(budget=b) for b in budgets])
+    grid += [Setting(name, window=window, sinks=sinks, interval=interval,
+                     options={**(options or {}), **own}, **size)
+             for name, own in specs if name != DENSE for size in sizes]
     return grid

@@ -5,6 +5,11 @@ listed by its block-table row. This step's tokens of r were appended to every st
 the call, so its q_len queries are the last q_len slots of each stream: query i sits at
 stream index length - q_len + i and attends causally to the slots up to it (the stream's
 compressed past plus the chunk so far). Query head qh reads KV head qh // G (GQA).
+
+A `prior` is attention the queries already paid elsewhere, as a partial softmax (out, lse):
+the low-bit tier's (low_bit_attention.py). It joins the same softmax: the result is
+(exp(lse) * out + sum_t exp(logit_t) v_t) / (exp(lse) + sum_t exp(logit_t)), and emitted
+scores are probabilities over both.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ def paged_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: tor
                     block_tables: torch.Tensor, lengths: torch.Tensor, request_slots: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float,
                     scores_pool: torch.Tensor | None = None, max_query_len: int | None = None,
-                    impl: str | None = None) -> torch.Tensor:
+                    impl: str | None = None,
+                    prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention output [tokens, Hq, D] in the query's dtype.
 
     query:           [tokens, Hq, D], request-major (request r's queries are contiguous)
@@ -33,18 +39,20 @@ def paged_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: tor
                      a query attends gets its probability added, summed over the queries
                      and the G query heads of its group (accumulated attention)
     max_query_len:   largest q_len, if the caller knows it (else read from device: a sync)
+    prior:           (out [tokens, Hq, D], lse [tokens, Hq]) float32 or None: a partial
+                     softmax to join (lse -inf: nothing there)
     """
     streams = (key_pool, value_pool, block_tables, lengths, request_slots, query_start_loc)
     if use_triton(query, impl):
         from vllm_kvcompress.kernels.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(query, *streams, scale, scores_pool, max_query_len)
-    return paged_attention_reference(query, *streams, scale, scores_pool)
+        return paged_attention_triton(query, *streams, scale, scores_pool, max_query_len, prior)
+    return paged_attention_reference(query, *streams, scale, scores_pool, prior)
 
 
 def paged_attention_reference(query, key_pool, value_pool, block_tables, lengths,
                               request_slots, query_start_loc, scale,
-                              scores_pool=None) -> torch.Tensor:
+                              scores_pool=None, prior=None) -> torch.Tensor:
     """Torch version of `paged_attention` (CPU path and Triton's test oracle).
 
     Decode requests (one query each) are padded into one batch; each prefill chunk is
@@ -61,18 +69,33 @@ def paged_attention_reference(query, key_pool, value_pool, block_tables, lengths
         rows = query_start_loc[:-1].long()[decode]
         output[rows] = _decode_attention(query[rows], (key_pool, value_pool), block_tables,
                                          lengths[request_slots[decode]].long(),
-                                         request_slots[decode], scale, scores_pool)
+                                         request_slots[decode], scale, scores_pool,
+                                         _rows(prior, rows))
     for r in (query_lens > 1).nonzero().flatten().tolist():
         start, end = int(query_start_loc[r]), int(query_start_loc[r + 1])
         slot = request_slots[r]
         output[start:end] = _chunk_attention(query[start:end], (key_pool, value_pool),
-                                             block_tables[slot],
-                                             lengths[slot].long(), scale, scores_pool)
+                                             block_tables[slot], lengths[slot].long(), scale,
+                                             scores_pool, _rows(prior, slice(start, end)))
     return output
 
 
+def _rows(prior, rows):
+    return None if prior is None else (prior[0][rows], prior[1][rows])
+
+
+def _softmax_with_prior(logits, prior_lse):
+    """Softmax over the last dim of logits [..., T] joined by one more logit per row,
+    prior_lse [...] (None: none): (probabilities [..., T], the prior's weight [..., 1] or
+    None)."""
+    if prior_lse is None:
+        return torch.softmax(logits, dim=-1), None
+    joined = torch.softmax(torch.cat([logits, prior_lse[..., None]], dim=-1), dim=-1)
+    return joined[..., :-1], joined[..., -1:]
+
+
 def _decode_attention(query, pools, block_tables, stream_lens, request_slots, scale,
-                      scores_pool):
+                      scores_pool, prior=None):
     """One query per request: query [R, Hq, D], stream_lens [R, H] -> [R, Hq, D]."""
     num_requests, num_q_heads, head_dim = query.shape
     num_kv_heads = block_tables.shape[1]
@@ -82,18 +105,22 @@ def _decode_attention(query, pools, block_tables, stream_lens, request_slots, sc
     values.masked_fill_(~live[..., None], 0.0)
     queries = query.float().view(num_requests, num_kv_heads, -1, head_dim)
     logits = torch.einsum("rhgd,rhtd->rhgt", queries, keys) * scale
-    probs = _masked_softmax(logits, live[:, :, None])
+    logits.masked_fill_(~live[:, :, None], -torch.inf)
+    prior_lse = None if prior is None else prior[1].view(num_requests, num_kv_heads, -1)
+    probs, prior_weight = _softmax_with_prior(logits, prior_lse)
     if scores_pool is not None:
         _add_scores(scores_pool, slots, live, probs.sum(dim=2))
-    return torch.einsum("rhgt,rhtd->rhgd", probs, values).reshape(
-        num_requests, num_q_heads, head_dim).to(query.dtype)
+    out = torch.einsum("rhgt,rhtd->rhgd", probs, values)
+    if prior is not None:
+        out += prior_weight * prior[0].view(out.shape)
+    return out.reshape(num_requests, num_q_heads, head_dim).to(query.dtype)
 
 
 # Queries attended at once in a prefill chunk: bounds the [Hq, chunk, T] probabilities.
 QUERY_CHUNK = 256
 
 
-def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
+def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool, prior=None):
     """A prefill chunk of one request: query [Q, Hq, D] (its last Q slots in every stream),
     table [H, max_blocks], stream_lens [H] -> [Q, Hq, D]."""
     num_queries, num_q_heads, head_dim = query.shape
@@ -104,7 +131,7 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
     # SDPA adds the mask to q.k, so a NaN in an unwritten key would survive the mask.
     keys.masked_fill_(~live[..., None], 0.0)
     values.masked_fill_(~live[..., None], 0.0)
-    if scores_pool is None and bool((stream_lens == num_queries).all()):
+    if scores_pool is None and prior is None and bool((stream_lens == num_queries).all()):
         # A fresh prompt: plain causal attention, torch's fused kernel (which wants 4-D).
         out = F.scaled_dot_product_attention(
             query.float().transpose(0, 1)[None], keys[None], values[None], is_causal=True,
@@ -131,8 +158,13 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool):
         logits[..., shared:].masked_fill_(hidden, -torch.inf)
         # Explicit softmax: faster on CPU than SDPA with a boolean mask, and it gives the
         # probabilities for the scores.
-        probs = torch.softmax(logits, dim=-1)
+        prior_lse = None if prior is None else prior[1][begin:stop].view(
+            size, num_kv_heads, group).permute(1, 2, 0)
+        probs, prior_weight = _softmax_with_prior(logits, prior_lse)
         chunk = probs.view(num_kv_heads, group * size, width) @ values[:, :width]
+        if prior is not None:
+            chunk += (prior_weight * prior[0][begin:stop].view(size, num_kv_heads, group, head_dim)
+                      .permute(1, 2, 0, 3)).view(chunk.shape)
         out[begin:stop] = chunk.view(num_kv_heads, group, size, head_dim).permute(
             2, 0, 1, 3).reshape(size, num_q_heads, head_dim).to(query.dtype)
         if scores_pool is not None:
@@ -163,9 +195,3 @@ def _read_streams(pools: tuple[torch.Tensor, torch.Tensor], tables: torch.Tensor
     shape = (*blocks.shape[:-1], num_blocks * block_size, head_dim)
     return (slots.flatten(-2), key_pool[blocks].float().reshape(shape),
             value_pool[blocks].float().reshape(shape))
-
-
-def _masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim restricted to `allowed` (every row allows at least one
-    slot: a query always sees itself)."""
-    return torch.softmax(logits.masked_fill_(~allowed, -torch.inf), dim=-1)

@@ -5,7 +5,8 @@ queries times the G query heads of the group, so each head-block of keys and val
 loaded once for the whole group (GQA). Online softmax over the stream's head-blocks, in
 table order; with score emission a second pass recomputes the normalised probabilities
 and adds their column sums to the slots' scores (atomically: tiles of one prefill chunk
-share slots).
+share slots). A prior (out, lse) is the online softmax's starting state: max = lse,
+sum = 1, accumulator = out.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ def _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block, k_s_slot
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, len_ptr, req_slot_ptr, qsl_ptr, out_ptr,
-        score_ptr, scale, head_dim,
-        q_s_tok, q_s_head, out_s_tok, out_s_head,
+        score_ptr, prior_out_ptr, prior_lse_ptr, scale, head_dim,
+        q_s_tok, q_s_head, out_s_tok, out_s_head, po_s_tok, po_s_head, pl_s_tok, pl_s_head,
         k_s_block, k_s_slot, k_s_dim, v_s_block, v_s_slot, v_s_dim,
         table_s_req, table_s_head, len_s_req, len_s_head, score_s_block, score_s_slot,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, EMIT: tl.constexpr,
-        PRECISION: tl.constexpr):
+        HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr):
     request, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     req_slot = tl.load(req_slot_ptr + request).to(tl.int64)
     q_start = tl.load(qsl_ptr + request).to(tl.int64)
@@ -64,9 +65,18 @@ def _paged_attention_kernel(
     kv_end = tl.where(tile * BLOCK_Q < q_len, length - q_len + tile_end, 0)
     num_blocks = tl.cdiv(kv_end, BLOCK_SIZE)
 
-    row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([ROWS], dtype=tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    if HAS_PRIOR:
+        row_max = tl.load(prior_lse_ptr + (q_start + q_idx) * pl_s_tok + q_head * pl_s_head,
+                          mask=row_ok, other=float("-inf"))
+        present = row_max > float("-inf")
+        row_sum = tl.where(present, 1.0, 0.0)
+        acc = tl.load(prior_out_ptr + (q_start + q_idx)[:, None] * po_s_tok
+                      + q_head[:, None] * po_s_head + dims[None, :],
+                      mask=row_ok[:, None] & dim_ok[None, :] & present[:, None], other=0.0)
+    else:
+        row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        row_sum = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for b in range(0, num_blocks):
         logits, head_block = _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block,
                                            k_s_slot, k_s_dim, scale, BLOCK_SIZE, PRECISION)
@@ -110,8 +120,8 @@ def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
                            value_pool: torch.Tensor, block_tables: torch.Tensor,
                            lengths: torch.Tensor, request_slots: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float,
-                           scores_pool: torch.Tensor | None,
-                           max_query_len: int | None) -> torch.Tensor:
+                           scores_pool: torch.Tensor | None, max_query_len: int | None,
+                           prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same contract as `paged_attention`."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_requests = request_slots.shape[0]
@@ -132,14 +142,17 @@ def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
         raise ValueError(f"block_size={block_size}: the Triton kernel needs >= {MIN_ROWS}")
     emit = scores_pool is not None
     score_strides = scores_pool.stride() if emit else (0, 0)
+    prior_out, prior_lse = prior if prior is not None else (output, output[..., 0])
+    assert prior_out.stride(2) == 1, "prior rows must be contiguous"
     grid = (num_requests, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
         query, key_pool, value_pool, block_tables, lengths, request_slots, query_start_loc,
-        output, scores_pool if emit else output, scale, head_dim,
+        output, scores_pool if emit else output, prior_out, prior_lse, scale, head_dim,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
+        prior_out.stride(0), prior_out.stride(1), prior_lse.stride(0), prior_lse.stride(1),
         *key_pool.stride(), *value_pool.stride(), block_tables.stride(0), block_tables.stride(1),
         lengths.stride(0), lengths.stride(1), *score_strides,
         GROUP=group, BLOCK_Q=block_q, ROWS=rows, BLOCK_SIZE=block_size,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), EMIT=emit,
-        PRECISION="ieee" if key_pool.dtype == torch.float32 else "tf32")
+        HAS_PRIOR=prior is not None, PRECISION="ieee" if key_pool.dtype == torch.float32 else "tf32")
     return output

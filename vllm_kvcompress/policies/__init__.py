@@ -20,7 +20,9 @@ from vllm_kvcompress.policies import (  # noqa: F401  (each module registers its
     think,
 )
 from vllm_kvcompress.policies.apply import apply_selection
-from vllm_kvcompress.policies.base import Policy, Selection, StreamBatch
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch
 from vllm_kvcompress.policies.registry import implemented_policies, make_policy
 
 __all__ = [

@@ -8,20 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import Selection, StreamBatch, slot_indices
-
-
-def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """x quantized and dequantized per token (last dim): asymmetric, round to nearest
-    (half to even), 2**bits levels between the token's min and max. float32, same shape.
-    A constant token is returned as is."""
-    x = x.float()
-    levels = 2 ** bits - 1
-    low = x.amin(dim=-1, keepdim=True)
-    step = (x.amax(dim=-1, keepdim=True) - low) / levels
-    safe = torch.where(step > 0, step, 1.0)
-    codes = torch.round((x - low) / safe).clamp(0, levels)
-    return torch.where(step > 0, codes * safe + low, x)
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 
 
 def apply_selection(batch: StreamBatch, selection: Selection, max_len: int | None = None) -> StreamBatch:
@@ -34,15 +22,14 @@ def apply_selection(batch: StreamBatch, selection: Selection, max_len: int | Non
        to 0) and acc_score sum_i acc_i. Members pointing to a non-kept slot are dropped.
     2. Value-only merges (CaM): v_j += sum w * v_i over the entries targeting kept slot j,
        v_i taken before step 1.
-    3. Low precision (MiKV): key <- fake_quantize(key * b, bits) / b, value <-
-       fake_quantize(value, bits) on kept low_precision slots (b = key_channel_scale or 1).
-    4. Channel pruning (ThinK): pruned key channels zeroed on key_pruned_slots (default:
+    3. Channel pruning (ThinK): pruned key channels zeroed on key_pruned_slots (default:
        every kept slot).
-    5. Compaction: kept slots to the front in slot order; new lengths = kept counts;
+    4. Compaction: kept slots to the front in slot order; new lengths = kept counts;
        padding: zeros, position -1, acc 0.
-    Arithmetic of steps 1-3 runs in float32 and is cast back to the batch's dtype; slots
+    Arithmetic of steps 1-2 runs in float32 and is cast back to the batch's dtype; slots
     no step rewrites are copied bit for bit. Window fields, layer_densities and the layer
-    metadata pass through unchanged.
+    metadata pass through unchanged. Demoted slots (`demoted`) leave the batch: the
+    low-bit tier that stores them is the caller's.
 
     max_len: padded length of the result (>= the largest kept count); None = the largest
     kept count, which costs one host sync.
@@ -54,8 +41,6 @@ def apply_selection(batch: StreamBatch, selection: Selection, max_len: int | Non
         keys, values, acc = _class_merges(batch, selection, keep, live)
     if selection.value_merge_into is not None:
         values = _value_merges(batch, selection, keep, live, values)
-    if selection.low_precision is not None:
-        keys, values = _low_precision(selection, keep, keys, values)
     if selection.key_channel_mask is not None:
         pruned = keep if selection.key_pruned_slots is None else keep & selection.key_pruned_slots
         keys = keys.masked_fill(pruned[..., None] & ~selection.key_channel_mask[:, None, :], 0)
@@ -105,18 +90,11 @@ def _value_merges(batch: StreamBatch, selection: Selection, keep: torch.Tensor,
     return torch.where(received[..., None], (values.float() + added).to(values.dtype), values)
 
 
-def _low_precision(selection: Selection, keep: torch.Tensor, keys: torch.Tensor,
-                   values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if not 2 <= selection.quant_bits <= 8:
-        raise ValueError(f"quant_bits={selection.quant_bits}: must be in 2..8 with low_precision")
-    low = (selection.low_precision & keep)[..., None]
-    scale = None if selection.key_channel_scale is None else selection.key_channel_scale.float()[:, None, :]
-    quant_keys = fake_quantize(keys if scale is None else keys.float() * scale, selection.quant_bits)
-    if scale is not None:
-        quant_keys = quant_keys / scale
-    keys = torch.where(low, quant_keys.to(keys.dtype), keys)
-    values = torch.where(low, fake_quantize(values, selection.quant_bits).to(values.dtype), values)
-    return keys, values
+def demoted(batch: StreamBatch, selection: Selection) -> torch.Tensor:
+    """[N, T] bool: the live slots `selection` moves to the low-bit tier (never kept ones)."""
+    if selection.demote is None:
+        return torch.zeros_like(selection.keep)
+    return selection.demote & batch.live_mask() & ~selection.keep
 
 
 def _compact(batch: StreamBatch, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

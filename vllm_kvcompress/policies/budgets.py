@@ -13,16 +13,25 @@ A stream's budget may exceed its length; it then keeps everything.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import ClassVar
 
 import torch
 
-from vllm_kvcompress.policies.base import StreamBatch, descending_ranks
+from vllm_kvcompress.policies.ranking import descending_ranks
+from vllm_kvcompress.policies.stream_batch import StreamBatch
 
 # max_layer_budget of an allocator that leaves some layer uncompressed: the scheduler's
 # min(num_tokens, bound) then accounts for the whole context.
 NO_LIMIT = sys.maxsize
+
+
+def budget_share(budget: int | torch.Tensor, share: float) -> int | torch.Tensor:
+    """floor(budget * share), for an int or an [N] tensor of budgets."""
+    if isinstance(budget, torch.Tensor):
+        return torch.floor(budget.double() * share).long()
+    return math.floor(budget * share)
 
 
 class BudgetAllocator:

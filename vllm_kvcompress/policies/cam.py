@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, budget_share, integer,
-                                           number, slot_indices, top_k_with_protection)
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.budgets import budget_share
+from vllm_kvcompress.policies.options import integer, number
+from vllm_kvcompress.policies.ranking import top_k_with_protection
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 
 _MASK31 = 0x7FFFFFFF

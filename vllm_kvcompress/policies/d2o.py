@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import Selection, slot_indices
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import slot_indices
 from vllm_kvcompress.policies.h2o import H2O
 from vllm_kvcompress.policies.registry import register_policy
 from vllm_kvcompress.policies.scoring import most_similar_kept

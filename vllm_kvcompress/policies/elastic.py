@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, slot_indices,
-                                           top_k_with_protection)
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.ranking import top_k_with_protection
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 
 

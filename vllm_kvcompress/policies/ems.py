@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, choice, integer,
-                                           number, slot_indices, top_k_with_protection)
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.options import choice, integer, number
+from vllm_kvcompress.policies.ranking import top_k_with_protection
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 from vllm_kvcompress.policies.scoring import global_local_score, most_similar_kept
 from vllm_kvcompress.policies.snapkv import pooled_window_scores

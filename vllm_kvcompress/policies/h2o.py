@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import Policy, StreamBatch, budget_share, number
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.budgets import budget_share
+from vllm_kvcompress.policies.options import number
+from vllm_kvcompress.policies.stream_batch import StreamBatch
 from vllm_kvcompress.policies.registry import register_policy
 
 

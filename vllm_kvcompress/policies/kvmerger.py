@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vllm_kvcompress.policies.base import (Policy, Selection, StreamBatch, layer_list, number,
-                                           protected_mask, select_ranked, slot_indices,
-                                           top_k_with_protection)
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.options import layer_list, number
+from vllm_kvcompress.policies.ranking import protected_mask, select_ranked, top_k_with_protection
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 
 

@@ -1,4 +1,4 @@
-"""MiKV: tokens a policy would evict are kept at low precision instead.
+"""MiKV: the tokens a policy would evict are kept at low precision instead.
 
 Yang et al., "No Token Left Behind: Reliable KV Cache Compression via Importance-Aware
 Mixed Precision Quantization" (2024).
@@ -8,45 +8,48 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import (TOKEN_POLICIES, ComposedPolicy, Selection, StreamBatch,
-                                           budget_share, choice, flag, integer, number,
-                                           protected_mask, select_ranked, slot_indices)
+from vllm_kvcompress.policies.base import TOKEN_POLICIES, ComposedPolicy
+from vllm_kvcompress.policies.options import choice, flag, integer
 from vllm_kvcompress.policies.registry import register_policy
+from vllm_kvcompress.policies.selection import LowBitTier, Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch
 
 
 @register_policy("mikv")
 class MiKV(ComposedPolicy):
-    """Of a stream's budget C, the base policy keeps C - floor(low_precision_ratio * C)
-    slots at full precision (run as if that were its budget, so its window and sinks come
-    from that share; protected slots always stay at full precision). The best-scored
-    tokens it evicts (by the base's score; tokens it merges elsewhere are already
-    represented) fill the remaining slots at `bits` bits (per-token asymmetric
-    round-to-nearest, Selection.low_precision). Outlier balancing: b_c =
-    sqrt(max|q_c| / max|k_c|) per stream and key channel (window queries over the group,
-    live keys); keys are quantized as k_c * b_c (Selection.key_channel_scale).
+    """The budget is the full-precision tier: the base policy (its own window and sinks)
+    keeps the budget's tokens at full precision. Every other live token moves to the
+    stream's low-bit tier instead of being evicted (Selection.demote): quantized once, per
+    token, keys at `key_bits` and values at `value_bits`, never rewritten; tokens the base
+    merges into others are already represented and are not demoted. `lowbit_budget`
+    caps that tier per stream: past it, the tokens of lowest rank (the base's score when
+    they were demoted) are evicted.
 
-    The budget counts slots (kept count <= C holds, as the scheduler needs). A paged cache
-    with full-size slots saves no memory on low-precision slots: that needs a packed store,
-    for which Selection.low_precision already marks the slots. Streams within budget are
-    untouched.
+    Outlier balancing: b_c = sqrt(max|q_c| / max|k_c|) per stream and key channel, over
+    the window queries of the group and the stream's live keys; the tier stores k_c * b_c
+    and reads it back divided by b_c. The cache fixes each stream's factors at its first
+    compression (from the prompt's last queries), so every row is read back as stored.
 
-    Signals: the base's, plus window queries for balancing. Defaults: base h2o, bits 3 and
-    low_precision_ratio 0.5 (the paper's line-retrieval setting: 50% of the tokens
-    evicted, kept at 3 bits), outlier_balancing true; balancing reads 32 window queries
-    when the base needs none (ours).
+    Signals: the base's, plus 32 window queries for balancing when the base needs none.
+    Defaults: base snapkv (the paper uses H2O; on the bundled model h2o keeps no needle,
+    docs/policies.md), key_bits 3 and value_bits 3 (keys at 2 bits lose retrieval, values
+    do not: docs/quality.md), no cap, outlier balancing on.
     """
 
     options_spec = {
-        "base": choice("h2o", *TOKEN_POLICIES),
-        "bits": integer(3, 2, 8),
-        "low_precision_ratio": number(0.5, 0.0, 1.0, high_open=True),
+        "base": choice("snapkv", *TOKEN_POLICIES),
+        "key_bits": integer(3, 1, 8),
+        "value_bits": integer(3, 1, 8),
+        "lowbit_budget": integer(None, 0, optional=True),
         "outlier_balancing": flag(True),
     }
 
     def __init__(self, window=None, sinks=None, **options):
         super().__init__(window, sinks, **options)
-        balancing = self.options["outlier_balancing"]
-        self.needs_window_queries = self.base.needs_window_queries or balancing
+        self.low_tier = LowBitTier(self.options["key_bits"], self.options["value_bits"],
+                                   self.options["lowbit_budget"])
+        self.needs_window_queries = (self.base.needs_window_queries
+                                     or self.options["outlier_balancing"])
 
     @property
     def query_window(self) -> int:
@@ -54,34 +57,20 @@ class MiKV(ComposedPolicy):
             return self.base.query_window
         return 32 if self.options["outlier_balancing"] else 0
 
-    def protection(self, budget):
-        # The base runs as if its budget were the full-precision share.
-        return self.base.protection(budget - budget_share(budget, self.options["low_precision_ratio"]))
-
     def select(self, batch, budgets, *, scores=None, window=None, sinks=None) -> Selection:
         scores = self.base.score(batch) if scores is None else scores
-        window, sinks = self._resolve_protection(budgets, window, sinks)
-        # Protected slots always stay at full precision.
-        protected = protected_mask(batch, window, sinks).sum(dim=1)
-        share = budget_share(budgets, self.options["low_precision_ratio"])
-        low = torch.minimum(share, budgets - protected)
-        low = torch.where(batch.lengths > budgets, low.clamp(min=0), 0)
-        selection = self.base.select(batch, budgets - low, scores=scores, window=window, sinks=sinks)
-        # Candidates: live slots the base neither keeps nor merges elsewhere.
-        spare = batch.live_mask() & ~selection.keep
+        selection = self.base.select(batch, budgets, scores=scores, window=window, sinks=sinks)
+        # Demote what the base neither keeps nor merges into something it keeps.
+        demote = batch.live_mask() & ~selection.keep
         if selection.merge_into is not None:
-            spare &= selection.merge_into < 0
+            demote &= selection.merge_into < 0
         if selection.value_merge_into is not None:
-            spare &= (selection.value_merge_into < 0).all(dim=2)
-        low_precision = select_ranked(scores, spare.long(), low)
-        selection.keep = selection.keep | low_precision
-        if selection.merge_into is not None:
-            slots = slot_indices(batch).expand_as(low_precision)
-            selection.merge_into = torch.where(low_precision, slots, selection.merge_into)
-        selection.low_precision = low_precision
-        selection.quant_bits = self.options["bits"]
+            demote &= (selection.value_merge_into < 0).all(dim=2)
+        selection.demote = demote
+        selection.demote_scores = scores.float()
+        selection.low_tier = self.low_tier
         if self.options["outlier_balancing"]:
-            selection.key_channel_scale = self._balance(batch)
+            selection.key_balance = self._balance(batch)
         return selection
 
     def _balance(self, batch: StreamBatch) -> torch.Tensor:

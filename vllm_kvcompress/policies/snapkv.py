@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import Policy, StreamBatch, choice, integer
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.options import choice, integer
+from vllm_kvcompress.policies.stream_batch import StreamBatch
 from vllm_kvcompress.policies.registry import register_policy
 from vllm_kvcompress.policies.scoring import pool_scores, window_attention
 

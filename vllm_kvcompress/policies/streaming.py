@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_kvcompress.policies.base import Policy, StreamBatch, slot_indices
+from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 
 

@@ -9,8 +9,10 @@ import math
 
 import torch
 
-from vllm_kvcompress.policies.base import (TOKEN_POLICIES, ComposedPolicy, Selection, StreamBatch,
-                                           choice, integer, number, slot_indices)
+from vllm_kvcompress.policies.base import TOKEN_POLICIES, ComposedPolicy
+from vllm_kvcompress.policies.options import choice, integer, number
+from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 
 

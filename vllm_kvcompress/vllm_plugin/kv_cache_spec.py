@@ -28,8 +28,11 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+import torch
+
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
+from vllm_kvcompress.kernels.low_bit import LowBitFormat
 from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
 from vllm_kvcompress.vllm_plugin.request_settings import policy_for
 
@@ -189,18 +192,27 @@ def register_spec() -> None:
 
 
 def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
-                 prefix_caching: bool) -> CompressionSchedule | None:
-    """The compression schedule of a request with `settings` (None: not compressed).
+                 prefix_caching: bool, head_size: int,
+                 dtype: torch.dtype) -> CompressionSchedule | None:
+    """The compression schedule of a request with `settings` (None: not compressed), on
+    head-blocks of block_size x head_size keys and values of `dtype`.
 
     With prefix caching on, a request shares its prefix unless its policy accumulates
     attention over every query: a cache hit would skip the queries of the cached tokens."""
     if not settings.enabled:
         return None
     policy = policy_for(settings)
+    tier = policy.low_tier
+    low_slots = 0
+    if tier is not None:
+        cell_bytes = 2 * block_size * head_size * dtype.itemsize
+        low_slots = LowBitFormat(head_size, tier.key_bits,
+                                 tier.value_bits).slots_per_block(cell_bytes)
     return CompressionSchedule(
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,
         layer_budget=policy.max_layer_budget(settings.budget, num_layers),
         shared_prefix=prefix_caching and not policy.needs_accumulated,
         reread_tokens=policy.query_window if policy.needs_window_queries else 0,
+        low_slots_per_block=low_slots, low_cap=None if tier is None else tier.cap,
     )

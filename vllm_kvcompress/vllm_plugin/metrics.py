@@ -42,6 +42,12 @@ class CompressionMetrics:
         self.compression_ratio = _metric(Gauge, "vllm:kv_compress_ratio",
                                          "tokens_seen / tokens_kept of the running requests",
                                          multiprocess_mode="max")
+        self.bytes_seen = _metric(Gauge, "vllm:kv_compress_bytes_seen",
+                                  "KV bytes full precision would hold for the running requests",
+                                  multiprocess_mode="livesum")
+        self.bytes_kept = _metric(Gauge, "vllm:kv_compress_bytes_kept",
+                                  "KV bytes the running requests' streams hold (both tiers)",
+                                  multiprocess_mode="livesum")
         self._gauge_clock, self._log_clock = Every(GAUGE_INTERVAL_S), Every(LOG_INTERVAL_S)
         self.compression_total_s = 0.0
         self.step_total_s = 0.0
@@ -61,10 +67,12 @@ class CompressionMetrics:
         """Compression time / step time since the process started."""
         return self.compression_total_s / self.step_total_s if self.step_total_s else 0.0
 
-    def observe(self, seen: int, kept: float) -> None:
+    def observe(self, seen: int, kept: float, bytes_seen: int, bytes_kept: int) -> None:
         self.tokens_seen.set(seen)
         self.tokens_kept.set(kept)
         self.compression_ratio.set(seen / kept if kept else 1.0)
+        self.bytes_seen.set(bytes_seen)
+        self.bytes_kept.set(bytes_kept)
 
     def gauges_due(self) -> bool:
         return self.publish and self._gauge_clock.due()

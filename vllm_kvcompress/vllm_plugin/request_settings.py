@@ -1,9 +1,9 @@
 """Per-request compression settings: the server's, overridden by a request's extra args.
 
-A request may set `kv_policy`, `budget` and `kv_window` through the OpenAI body's
-`vllm_xargs` (or `SamplingParams(extra_args=...)` offline). The same function validates
-them in the API server (a bad value is an HTTP 400) and resolves them in the engine core
-and the workers, so every process sees the same settings for a request.
+A request may set `kv_policy`, `budget`, `kv_window` and `kv_policy_args` through the
+OpenAI body's `vllm_xargs` (or `SamplingParams(extra_args=...)` offline). The same
+function validates them in the API server (a bad value is an HTTP 400) and resolves them
+in the engine core and the workers, so every process sees the same settings for a request.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.policies import Policy, make_policy
 
 # Keys a request may override; the rest (interval, prefill mode, sinks) are per server.
-REQUEST_KEYS = ("kv_policy", "budget", "kv_window")
+REQUEST_KEYS = ("kv_policy", "budget", "kv_window", "kv_policy_args")
 
 # Queries the workers keep per request and layer (observation window) at the least, so
 # requests can pick a policy with a window of that size on any server.
@@ -61,7 +61,10 @@ def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any
             f"per-request {', '.join(sorted(overrides))}: KV compression is off on this "
             "server (start it with --kv-policy <policy>)"
         )
-    settings = KVCompressConfig.from_dict({**server.model_dump(), **overrides})
+    values = server.model_dump()
+    if overrides.get("kv_policy", server.kv_policy) != server.kv_policy:
+        values["kv_policy_args"] = {}   # the server's options belong to the server's policy
+    settings = KVCompressConfig.from_dict({**values, **overrides})
     settings.check_max_model_len(max_model_len)
     if not settings.enabled:
         return settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from vllm.distributed import (
@@ -27,6 +28,7 @@ from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.kernels.dispatch import requested_impl
 from vllm_kvcompress.policies import Policy, StreamBatch
 from vllm_kvcompress.policies.budgets import attention_density
+from vllm_kvcompress.policies.selection import LowBitTier
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
     NativeStep,
@@ -71,14 +73,21 @@ class CompressionGroup:
     slots: list[int] = field(default_factory=list)
 
 
+class TorchRoute(NamedTuple):
+    """How a request attends on the torch path: emitting each slot's probability into the
+    accumulated scores, and over its low-bit tier (None: it has none)."""
+
+    emit_scores: bool
+    low_tier: LowBitTier | None
+
+
 @dataclass
 class AttentionPart:
     """Requests of one step that attend together, and how.
 
     tokens [n] their rows in the step's query (None: every row, in order); query_start_loc
     [R' + 1] over those rows; slots [R'] their cache slots; native: their streams for
-    vLLM's CPU kernel, or None for the torch path, which emits each slot's attention
-    probability into the accumulated scores when emit_scores is set.
+    vLLM's CPU kernel, or None for the torch path (`route`).
     """
 
     tokens: torch.Tensor | None
@@ -86,7 +95,7 @@ class AttentionPart:
     slots: torch.Tensor
     max_query_len: int
     native: NativeStep | None
-    emit_scores: bool
+    route: TorchRoute | None
 
 
 @dataclass
@@ -121,6 +130,7 @@ class CompressionRuntime:
         self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
         self.num_layers = len(kv_caches)
         self.num_kv_heads, self.head_size, self.block_size = num_kv_heads, head_size, block_size
+        self.dtype = kv_caches[0].dtype
         max_requests = vllm_config.scheduler_config.max_num_seqs
         num_pages = kv_caches[0].shape[0]
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
@@ -137,7 +147,8 @@ class CompressionRuntime:
         self.cache = PagedStreamCache(
             self.num_layers, num_kv_heads, head_size, num_pages, max_requests,
             max_block_entries(self.max_model_len, block_size), block_size=block_size,
-            dtype=kv_caches[0].dtype, device=kv_caches[0].device, kv_pools=pools,
+            dtype=kv_caches[0].dtype, device=kv_caches[0].device, kv_memory=kv_caches,
+            kv_pools=pools,
             max_blocks_per_stream=-(-self.max_model_len // block_size) + 2)
         self.window = QueryWindow(self.num_layers, max_requests, server_query_window(self.server),
                                   num_heads, head_size, kv_caches[0].dtype, kv_caches[0].device)
@@ -165,7 +176,8 @@ class CompressionRuntime:
         extra_args = req_state.sampling_params.extra_args if req_state.sampling_params else None
         settings = resolve_request_settings(self.server, extra_args, self.max_model_len)
         policy = policy_for(settings) if settings.enabled else None
-        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching)
+        schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
+                                self.head_size, self.dtype)
         streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
                                  prompt_len=req_state.num_prompt_tokens)
         self.requests[req_id] = streams
@@ -197,7 +209,7 @@ class CompressionRuntime:
         groups: dict[tuple, CompressionGroup] = {}
         shared_pages_to_drop: list[tuple[int, int]] = []
         density_slots = []
-        scored = []  # per request: its policy reads accumulated attention
+        routes: list[TorchRoute | None] = []  # per request; None: vLLM's kernel will do
         needs_window = False
         for req_id, query_len in zip(req_ids, query_lens):
             req_state = self.runner.requests[req_id]
@@ -212,7 +224,7 @@ class CompressionRuntime:
             slots.append(streams.slot)
             starts.append(num_computed)
             streams.num_tokens = num_computed + query_len
-            scored.append(streams.policy is not None and streams.policy.needs_accumulated)
+            routes.append(self._route(streams))
             if streams.policy is None:
                 continue
             needs_window |= streams.policy.needs_window_queries
@@ -249,29 +261,35 @@ class CompressionRuntime:
         return StepPlan(
             num_tokens=int(lens.sum()), slot_ids=slot_ids, positions=positions,
             window_writes=window_writes,
-            attention=self._attention_parts(scored, query_start_loc_cpu[:num_reqs + 1],
+            attention=self._attention_parts(routes, query_start_loc_cpu[:num_reqs + 1],
                                             slot_tensor),
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
             density_slots=torch.tensor(density_slots, device=device) if density_slots else None)
 
-    def _attention_parts(self, scored: list[bool], query_start_loc_cpu: torch.Tensor,
+    def _route(self, streams: RequestStreams) -> TorchRoute | None:
+        """The torch path for a request whose policy reads each slot's attention
+        probability, or which has rows in a low-bit tier (compressed in an earlier step),
+        and wherever vLLM's kernel does not run; else None."""
+        policy = streams.policy
+        emit = policy is not None and policy.needs_accumulated
+        tier = policy.low_tier if policy is not None and streams.last_compressed_at else None
+        if emit or tier is not None or self.native is None:
+            return TorchRoute(emit, tier)
+        return None
+
+    def _attention_parts(self, routes: list[TorchRoute | None], query_start_loc_cpu: torch.Tensor,
                          slots: torch.Tensor) -> list[AttentionPart]:
-        """vLLM's kernel for the requests whose policy reads no accumulated attention, the
-        torch path (with score emission) for those that do: one part unless both kinds
-        are in the step and the kernel runs on this machine."""
-        if self.native is None or all(scored) or not any(scored):
-            native = self.native is not None and not any(scored)
-            return [self._attention_part(None, query_start_loc_cpu, slots, native=native,
-                                         emit_scores=any(scored))]
-        members = torch.tensor(scored)
-        return [self._attention_part(~members, query_start_loc_cpu, slots, native=True,
-                                     emit_scores=False),
-                self._attention_part(members, query_start_loc_cpu, slots, native=False,
-                                     emit_scores=True)]
+        """One part per distinct route among the step's requests (vLLM's kernel for those
+        with none), each over its own rows."""
+        distinct = list(dict.fromkeys(routes))
+        if len(distinct) == 1:
+            return [self._attention_part(None, query_start_loc_cpu, slots, distinct[0])]
+        return [self._attention_part(torch.tensor([r == route for r in routes]),
+                                     query_start_loc_cpu, slots, route) for route in distinct]
 
     def _attention_part(self, members: torch.Tensor | None, query_start_loc_cpu: torch.Tensor,
-                        slots: torch.Tensor, native: bool, emit_scores: bool) -> AttentionPart:
+                        slots: torch.Tensor, route: TorchRoute | None) -> AttentionPart:
         """The part made of the step's requests in `members` [R] bool (None: all of them)."""
         device = self.cache.device
         starts, tokens = query_start_loc_cpu, None
@@ -282,12 +300,12 @@ class CompressionRuntime:
             starts = torch.cat([starts.new_zeros(1), lens.cumsum(0).to(starts.dtype)])
             slots = slots[members.to(device)]
         step = None
-        if native:
+        if route is None:
             step = self.native.plan(starts, self.cache.tables.block_tables,
                                     self.cache.tables.lengths, slots)
         return AttentionPart(tokens=tokens, query_start_loc=starts.to(device), slots=slots,
                              max_query_len=int(lens.max()) if len(lens) else 0, native=step,
-                             emit_scores=emit_scores)
+                             route=route)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 plan: StepPlan, scale: float, output: torch.Tensor) -> None:
@@ -305,7 +323,8 @@ class CompressionRuntime:
             else:
                 output[rows] = self.cache.attention(
                     layer, query[rows], part.query_start_loc, part.slots, scale,
-                    emit_scores=part.emit_scores, max_query_len=part.max_query_len)
+                    emit_scores=part.route.emit_scores, max_query_len=part.max_query_len,
+                    low_tier=part.route.low_tier)
         if plan.density_slots is not None:
             self._record_densities(layer, plan.density_slots)
         if not plan.groups:
@@ -351,18 +370,25 @@ class CompressionRuntime:
         self.cache.compact(layer, slots, policy.compress(batch, budget))
 
     def report(self) -> None:
-        """Refresh the token gauges (twice a second at most; reading the lengths is a device
-        sync) and log one summary line every LOG_INTERVAL_S."""
+        """Refresh the gauges (twice a second at most; reading the lengths is a device sync)
+        and log one summary line every LOG_INTERVAL_S. Bytes count both tiers of every
+        layer; under tensor parallelism this rank's heads stand for the model's."""
         if not self.requests or not self.metrics.gauges_due():
             return
-        slots = torch.tensor([s.slot for s in self.requests.values()], device=self.cache.device)
+        slot_list = [s.slot for s in self.requests.values()]
+        slots = torch.tensor(slot_list, device=self.cache.device)
         seen = sum(s.num_tokens for s in self.requests.values())
         kept = float(self.cache.tables.lengths[:, slots].float().mean(dim=(0, 2)).sum())
-        self.metrics.observe(seen, kept)
+        ranks = get_tensor_model_parallel_world_size()
+        token_bytes = self.num_layers * self.num_kv_heads * 2 * self.head_size * self.dtype.itemsize
+        bytes_kept = self.cache.bytes_held(slot_list) * ranks
+        self.metrics.observe(seen, kept, seen * token_bytes * ranks, bytes_kept)
         if not self.metrics.log_due():
             return
         compressing = sum(s.policy is not None for s in self.requests.values())
         logger.info("vllm-kvcompress: %d running (%d compressed), %d tokens kept of %d seen "
-                    "(%.1fx), compression %.1f%% of step time so far",
+                    "(%.1fx), KV bytes %.1f%% of full, compression %.1f%% of step time so far",
                     len(self.requests), compressing, round(kept), seen,
-                    seen / kept if kept else 1.0, 100 * self.metrics.compression_share())
+                    seen / kept if kept else 1.0,
+                    100 * bytes_kept / (seen * token_bytes * ranks) if seen else 100.0,
+                    100 * self.metrics.compression_share())

@@ -31,6 +31,8 @@ class KVCompressScheduler(Scheduler):
         self.settings = server_settings(vllm_config)
         self.compressed_manager = self._find_compressed_manager()
         self.block_size = self.compressed_manager.block_size
+        spec = self.compressed_manager.kv_cache_spec
+        self.head_size, self.dtype = spec.head_size, spec.dtype
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
         self.max_model_len = vllm_config.model_config.max_model_len
         self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
@@ -54,7 +56,7 @@ class KVCompressScheduler(Scheduler):
             settings = resolve_request_settings(
                 self.settings, request.sampling_params.extra_args, self.max_model_len)
             schedule = schedule_for(settings, self.block_size, self.num_layers,
-                                    self.prefix_caching)
+                                    self.prefix_caching, self.head_size, self.dtype)
             self.compressed_manager.schedules[request.request_id] = schedule
             if schedule is not None and not schedule.shared_prefix:
                 request.skip_reading_prefix_cache = True
