@@ -11,8 +11,11 @@ max_model_len, so nothing is ever evicted and the row measures the compressed pa
 
 Per setting: output and total tokens per second (wall time of the stepping loop), the
 most requests running in one step, preemptions, KV bytes per request at the end of
-prefill, output throughput relative to stock, and the share of the model steps' time
-spent scoring, selecting and compacting (the worker's CompressionMetrics).
+prefill (a second tier's rows counted by their packed size), output throughput relative
+to stock, and the share of the model steps' time spent scoring, selecting and compacting
+(the worker's CompressionMetrics). A policy with a second tier holds more than its
+budget's full tokens (mikv keeps every other token at low precision) or spends part of
+it on rows (ems): the KV column says what each request holds.
 
     python benchmarks/throughput.py                        # defaults: CPU-sized
     python benchmarks/throughput.py --rates 1 8 --num-prompts 8 --json out.json --plot cr.png
@@ -45,12 +48,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 import vllm
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
 
 from timing import print_table
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
-from vllm_kvcompress.policies.registry import implemented_policies
+from vllm_kvcompress.eval.memory import KVShape, stream_tokens
+from vllm_kvcompress.policies.registry import implemented_policies, make_policy
 from vllm_kvcompress.vllm_plugin import runtime_registry
 from vllm_kvcompress.vllm_plugin.engine_setup import BLOCK_SIZE
 
@@ -130,12 +134,11 @@ def make_prompts(tokenizer, args) -> list[list[int]]:
             for _ in range(args.num_prompts)]
 
 
-def bytes_per_token(model_dir, dtype: str) -> int:
-    """K and V of every layer and KV head for one token."""
-    config = AutoConfig.from_pretrained(model_dir)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+def kv_shape(model_dir, dtype: str) -> KVShape:
+    """The model's KV cache at the benchmark's dtype."""
+    shape = KVShape.of_model(model_dir)
+    return KVShape(shape.num_layers, shape.num_kv_heads, shape.head_size,
+                   getattr(torch, dtype).itemsize)
 
 
 def start_engine(model_dir, args, budget: int | None) -> LLM:
@@ -207,7 +210,7 @@ def request_params(args, compressed: bool) -> list[SamplingParams]:
     return [mixed if i % 2 else plain for i in range(args.num_prompts)]
 
 
-def run_setting(model_dir, args, prompts, rate: int | None, token_bytes: int) -> Result:
+def run_setting(model_dir, args, prompts, rate: int | None, shape: KVShape) -> Result:
     budget = budget_for(rate, prompts, args)
     llm = start_engine(model_dir, args, budget)
     try:
@@ -219,8 +222,11 @@ def run_setting(model_dir, args, prompts, rate: int | None, token_bytes: int) ->
         after = compression_seconds() if budget is not None else (0.0, 0.0)
     finally:
         stop_engine(llm)
-    # Kept per KV head at the end of prefill: the whole prompt, or about budget + interval.
-    kept = [min(len(p), budget + args.kv_interval) if budget else len(p) for p in prompts]
+    # Held per stream at the end of prefill, in full tokens: the whole prompt, or what the
+    # policy keeps of it (a second tier's rows counted by their size).
+    policy = make_policy(args.policy) if budget else None
+    kept = [stream_tokens(policy, budget, len(p), shape) if budget else len(p) for p in prompts]
+    token_bytes = shape.token_bytes * shape.num_layers * shape.num_kv_heads
     return Result(setting="stock" if rate is None else f"CR {rate}", rate=rate, budget=budget,
                   input_tokens=sum(map(len, prompts)),
                   kv_bytes_per_request=token_bytes * sum(kept) / len(kept),
@@ -278,9 +284,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model_dir = model_path(args.model)
     prompts = make_prompts(AutoTokenizer.from_pretrained(model_dir), args)
-    token_bytes = bytes_per_token(model_dir, args.dtype)
+    shape = kv_shape(model_dir, args.dtype)
     header = machine_header(args, prompts)
-    results = [run_setting(model_dir, args, prompts, rate, token_bytes)
+    results = [run_setting(model_dir, args, prompts, rate, shape)
                for rate in [None, *args.rates]]
     print(header)
     print(f"load average after: {os.getloadavg()[0]:.1f}\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
@@ -44,35 +43,34 @@ def run_demo(model: str = DEFAULT_MODEL, serve_args: list[str] | None = None) ->
         })
         print(f"chat: 'What is the capital of France?' -> "
               f"{chat['choices'][0]['message']['content']!r}")
-        _long_request(server, model, folder)
+        _long_request(server, model)
     print("server stopped")
 
 
-def _long_request(server: VllmServer, model: str, folder: Path) -> None:
+def _long_request(server: VllmServer, model: str) -> None:
     prompt = STORY * 6 + FACT + STORY * 24 + QUESTION
     peak = _MetricsPeak(server)
     with peak:
         reply = server.post("/v1/completions", {"model": model, "prompt": prompt,
                                                 "max_tokens": 64, "temperature": 0})
-    tokens = reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"]
     answer = reply["choices"][0]["text"].split("\n")[0]
     print(f"long request ({reply['usage']['prompt_tokens']} prompt tokens): "
           f"'...What was the lead camel called?' -> {answer!r}")
     if peak.seen is None:
         print("KV memory: no compression on this server (--kv-policy none)")
         return
-    per_token = _kv_bytes_per_token(folder)
-    print(f"KV memory: {peak.kept:.0f} tokens kept per KV head and layer of {peak.seen} seen "
-          f"-> {peak.kept * per_token / 2**20:.1f} MiB instead of "
-          f"{tokens * per_token / 2**20:.1f} MiB with stock vLLM "
-          f"({peak.seen / max(peak.kept, 1):.1f}x less)")
+    print(f"KV memory: {peak.kept:.0f} full-precision tokens kept per KV head and layer of "
+          f"{peak.seen} seen -> {peak.bytes_kept / 2**20:.1f} MiB held (both tiers) instead of "
+          f"{peak.bytes_seen / 2**20:.1f} MiB with stock vLLM "
+          f"({peak.bytes_seen / max(peak.bytes_kept, 1):.1f}x less)")
 
 
 class _MetricsPeak:
-    """Polls /metrics while a request runs; keeps the most tokens seen and the kept count."""
+    """Polls /metrics while a request runs; keeps the step with the most tokens seen."""
 
     def __init__(self, server: VllmServer):
         self.server, self.seen, self.kept = server, None, None
+        self.bytes_seen, self.bytes_kept = 0.0, 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -94,10 +92,5 @@ class _MetricsPeak:
         seen = values.get("vllm:kv_compress_tokens_seen")
         if seen and (self.seen is None or seen >= self.seen):
             self.seen, self.kept = int(seen), values.get("vllm:kv_compress_tokens_kept", seen)
-
-
-def _kv_bytes_per_token(folder: Path) -> int:
-    """K and V of one token in every layer and KV head, bf16."""
-    config = json.loads((folder / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * 2
+            self.bytes_seen = values.get("vllm:kv_compress_bytes_seen", 0.0)
+            self.bytes_kept = values.get("vllm:kv_compress_bytes_kept", 0.0)

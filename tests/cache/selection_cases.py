@@ -7,15 +7,18 @@ from __future__ import annotations
 import torch
 
 from vllm_kvcompress.cache import StreamView
-from vllm_kvcompress.cache.low_tier import LowTierView, frozen_balance, low_tier_after
+from vllm_kvcompress.cache.low_tier import low_tier_after
+from vllm_kvcompress.cache.narrow_tier import settle_narrowing
+from vllm_kvcompress.cache.second_tier import TierView, frozen_scales
 from vllm_kvcompress.kernels.low_bit import LowBitFormat
 from vllm_kvcompress.policies import apply_selection
-from vllm_kvcompress.policies.selection import LowBitTier, Selection
+from vllm_kvcompress.policies.selection import LowBitTier, NarrowKeyTier, Selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch
 
-KINDS = ("evict", "merge", "merge_unnormalized", "value_merge", "demote", "prune",
-         "everything")
+KINDS = ("evict", "merge", "merge_unnormalized", "value_merge", "demote", "narrow",
+         "everything", "everything_narrow")
 TIER = LowBitTier(key_bits=3, value_bits=2, cap=6)
+NARROW = NarrowKeyTier(pruning_ratio=0.25)
 
 
 def batch_of(view: StreamView, num_kv_heads: int) -> StreamBatch:
@@ -24,31 +27,31 @@ def batch_of(view: StreamView, num_kv_heads: int) -> StreamBatch:
                        num_kv_heads=num_kv_heads, layer=0, num_layers=1, scale=1.0)
 
 
-def expected_after(view: StreamView, selection: Selection, num_kv_heads: int) -> StreamView:
+def expected_after(view: StreamView, selection: Selection, num_kv_heads: int,
+                   narrow_state: tuple[torch.Tensor, torch.Tensor] | None = None) -> StreamView:
+    """The streams after compacting `view`; narrow_state: (the streams' key scales [N, D],
+    their narrow slot counts [N]) when the selection narrows (settle_narrowing)."""
+    if narrow_state is not None:
+        selection, _ = settle_narrowing(selection, *narrow_state)
     out = apply_selection(batch_of(view, num_kv_heads), selection)
     return StreamView(out.keys, out.values, out.positions, out.acc_scores, out.lengths)
 
 
-def expected_low_after(old: LowTierView, old_balance: torch.Tensor, view: StreamView,
-                       selection: Selection, num_kv_heads: int) -> tuple[LowTierView, torch.Tensor]:
+def expected_low_after(old: TierView, old_balance: torch.Tensor, view: StreamView,
+                       selection: Selection, num_kv_heads: int) -> tuple[TierView, torch.Tensor]:
     """The low tier after compacting `view` with `selection`, and the streams' balancing
     (old_balance [N, D]: zeros = none fixed yet)."""
-    balance = frozen_balance(old_balance, selection.key_balance)
+    balance = frozen_scales(old_balance, selection.key_scales)
     fmt = LowBitFormat(view.keys.shape[-1], TIER.key_bits, TIER.value_bits)
     return low_tier_after(old, batch_of(view, num_kv_heads), selection, TIER, fmt, balance), balance
-
-
-def empty_low_tier(num_streams: int, head_dim: int) -> LowTierView:
-    return LowTierView(torch.zeros(num_streams, 0, head_dim), torch.zeros(num_streams, 0, head_dim),
-                       torch.zeros(num_streams, 0, dtype=torch.long), torch.zeros(num_streams, 0),
-                       torch.zeros(num_streams, dtype=torch.long))
 
 
 def random_selection(view: StreamView, seed: int, keep_prob: float = 0.6,
                      kind: str = "evict") -> Selection:
     """A random Selection of `kind` (see KINDS) over `view`. Merges send evicted slots to a
     random slot of their stream (sometimes an evicted one, which apply_selection drops);
-    demotions (to a TIER) pick random evicted slots."""
+    demotions (to a TIER) pick random evicted slots; narrowing (to NARROW) the first kept
+    slots of each stream, up to a random count, with random channels pruned."""
     gen = torch.Generator().manual_seed(seed)
     num_streams, max_len, head_dim = view.keys.shape
     live = torch.arange(max_len)[None, :] < view.lengths[:, None]
@@ -58,13 +61,13 @@ def random_selection(view: StreamView, seed: int, keep_prob: float = 0.6,
     def random_slots(*shape):
         return torch.randint(-1, max(max_len, 1), shape, generator=gen)
 
-    if kind in ("merge", "merge_unnormalized", "everything"):
+    if kind in ("merge", "merge_unnormalized", "everything", "everything_narrow"):
         selection.merge_into = torch.where(keep, torch.arange(max_len),
                                            random_slots(num_streams, max_len))
         selection.weights = torch.rand(num_streams, max_len, generator=gen)
         selection.weights[torch.rand(num_streams, max_len, generator=gen) < 0.1] = 0.0
         selection.normalize_merges = kind != "merge_unnormalized"
-    if kind in ("value_merge", "everything"):
+    if kind in ("value_merge", "everything", "everything_narrow"):
         selection.value_merge_into = random_slots(num_streams, max_len, 2)
         selection.value_merge_weights = torch.rand(num_streams, max_len, 2, generator=gen)
     if kind in ("demote", "everything"):
@@ -72,9 +75,13 @@ def random_selection(view: StreamView, seed: int, keep_prob: float = 0.6,
                   else selection.merge_into >= 0)
         selection.demote = (torch.rand(num_streams, max_len, generator=gen) < 0.7) & ~keep & ~merged
         selection.demote_scores = torch.rand(num_streams, max_len, generator=gen)
-        selection.low_tier = TIER
-        selection.key_balance = 0.5 + torch.rand(num_streams, head_dim, generator=gen)
-    if kind in ("prune", "everything"):
-        selection.key_channel_mask = torch.rand(num_streams, head_dim, generator=gen) < 0.7
-        selection.key_pruned_slots = torch.rand(num_streams, max_len, generator=gen) < 0.8
+        selection.second_tier = TIER
+        selection.key_scales = 0.5 + torch.rand(num_streams, head_dim, generator=gen)
+    if kind in ("narrow", "everything_narrow"):
+        pruned = head_dim - NARROW.kept_channels(head_dim)
+        order = torch.rand(num_streams, head_dim, generator=gen).argsort(dim=1)
+        selection.key_scales = torch.ones(num_streams, head_dim).scatter(1, order[:, :pruned], 0.0)
+        cutoff = torch.randint(0, max(max_len, 1) + 1, (num_streams, 1), generator=gen)
+        selection.narrow = keep & (keep.cumsum(dim=1) <= cutoff)
+        selection.second_tier = NARROW
     return selection

@@ -11,12 +11,16 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-from selection_cases import (KINDS, empty_low_tier, expected_after, expected_low_after,
-                             random_selection)
+from selection_cases import expected_after, expected_low_after, random_selection
 from vllm_kvcompress.cache import PagedStreamCache, PagePool, StreamView
-from vllm_kvcompress.cache.low_tier import LowTierView
+from vllm_kvcompress.cache.narrow_tier import settle_narrowing
+from vllm_kvcompress.cache.second_tier import TierView
+from vllm_kvcompress.policies.selection import LowBitTier
 
 LAYERS, HEADS, HEAD_DIM, BLOCK_SIZE = 2, 3, 8, 4
+# Selections a machine draws, by the second tier its requests have.
+KINDS = {"low_bit": ("evict", "merge", "merge_unnormalized", "value_merge", "demote", "everything"),
+         "narrow": ("evict", "merge", "value_merge", "narrow", "everything_narrow")}
 NUM_PAGES, MAX_REQUESTS, MAX_PAGES_PER_REQUEST = 20, 4, 14
 
 
@@ -31,8 +35,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.pool = PagePool(NUM_PAGES)
         self.tokens_seen: dict[int, int] = {}      # request slot -> tokens appended
         self.shadow: dict[int, list[StreamView]] = {}  # slot -> per layer, its streams
-        self.shadow_low: dict[int, list[LowTierView]] = {}   # slot -> per layer, its low tier
+        self.shadow_low: dict[int, list[TierView]] = {}   # slot -> per layer, its low tier
         self.balance: dict[int, list[torch.Tensor]] = {}     # slot -> per layer, [H, D]
+        self.narrow: dict[int, list[torch.Tensor]] = {}      # slot -> per layer, [H] narrow slots
         self.rows: dict[tuple, torch.Tensor] = {}   # (slot, layer, head, position) -> row bytes
 
     # ----- helpers -----
@@ -51,8 +56,9 @@ class CacheMachine(RuleBasedStateMachine):
 
     # ----- operations -----
 
-    @initialize()
-    def first_request(self):
+    @initialize(tier=st.sampled_from(sorted(KINDS)))
+    def first_request(self, tier):
+        self.tier = tier
         self.start_request()
 
     @precondition(lambda self: len(self.tokens_seen) < MAX_REQUESTS)
@@ -66,8 +72,9 @@ class CacheMachine(RuleBasedStateMachine):
                            torch.zeros(HEADS, 0, dtype=torch.float64),
                            torch.zeros(HEADS, dtype=torch.int64))
         self.shadow[slot] = [empty] * LAYERS
-        self.shadow_low[slot] = [empty_low_tier(HEADS, HEAD_DIM)] * LAYERS
+        self.shadow_low[slot] = [TierView.empty(HEADS, HEAD_DIM)] * LAYERS
         self.balance[slot] = [torch.zeros(HEADS, HEAD_DIM)] * LAYERS
+        self.narrow[slot] = [torch.zeros(HEADS, dtype=torch.long)] * LAYERS
 
     @precondition(lambda self: self.tokens_seen)
     @rule(data=st.data(), seed=st.integers(0, 2**16))
@@ -115,9 +122,10 @@ class CacheMachine(RuleBasedStateMachine):
             self.tokens_seen[slot] += n
 
     @precondition(lambda self: self.tokens_seen)
-    @rule(data=st.data(), seed=st.integers(0, 2**16), kind=st.sampled_from(KINDS),
+    @rule(data=st.data(), seed=st.integers(0, 2**16),
           keep_prob=st.sampled_from([0.0, 0.3, 0.8, 1.0]))
-    def compact(self, data, seed, kind, keep_prob):
+    def compact(self, data, seed, keep_prob):
+        kind = data.draw(st.sampled_from(KINDS[self.tier]))
         slots = data.draw(st.lists(st.sampled_from(sorted(self.tokens_seen)), min_size=1,
                                    max_size=len(self.tokens_seen), unique=True))
         layers = data.draw(st.sampled_from([[0], [LAYERS - 1], list(range(LAYERS))]))
@@ -127,13 +135,18 @@ class CacheMachine(RuleBasedStateMachine):
         for layer in layers:
             view = self.cache.gather(layer, slots)
             selection = random_selection(view, seed + layer, keep_prob, kind)
-            expected = expected_after(view, selection, HEADS)
-            tiered = selection.demote is not None or any(self.cache.low_tiers[s] for s in slots)
+            scales = torch.cat([self.balance[s][layer] for s in slots])
+            narrow_state = (scales, torch.cat([self.narrow[s][layer] for s in slots]))
+            narrowing = self.tier == "narrow"
+            expected = expected_after(view, selection, HEADS, narrow_state if narrowing else None)
+            tiered = (self.tier == "low_bit"
+                      and (selection.demote is not None or any(self.cache.slot_tiers[s] for s in slots)))
             if tiered:
                 old_low = _concat_low([self.shadow_low[s][layer] for s in slots])
-                low, balance = expected_low_after(
-                    old_low, torch.cat([self.balance[s][layer] for s in slots]), view,
-                    selection, HEADS)
+                low, balance = expected_low_after(old_low, scales, view, selection, HEADS)
+            if narrowing:
+                settled, balance = settle_narrowing(selection, *narrow_state)
+                narrow = (settled.narrow & (settled.keep & view_live(view))).sum(dim=1)
             try:
                 self.cache.compact(layer, slots, selection)
             except RuntimeError as error:
@@ -143,10 +156,15 @@ class CacheMachine(RuleBasedStateMachine):
             for r, slot in enumerate(slots):
                 streams = slice(r * HEADS, (r + 1) * HEADS)
                 self.shadow[slot][layer] = StreamView(*(x[streams] for x in expected))
+                if narrowing:
+                    if int(narrow[streams].sum()):
+                        event("compaction with narrow rows")
+                    self.balance[slot][layer] = balance[streams]
+                    self.narrow[slot][layer] = narrow[streams]
                 if tiered:
                     if int(low.lengths[streams].sum()):
                         event("compaction with low-bit rows")
-                    self.shadow_low[slot][layer] = LowTierView(*(x[streams] for x in vars(low).values()))
+                    self.shadow_low[slot][layer] = TierView(*(x[streams] for x in vars(low).values()))
                     self.balance[slot][layer] = balance[streams]
 
     @precondition(lambda self: self.tokens_seen)
@@ -167,6 +185,7 @@ class CacheMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(sorted(self.tokens_seen)))
         self.pool.free(self.cache.reset([slot]))
         del self.tokens_seen[slot], self.shadow[slot], self.shadow_low[slot], self.balance[slot]
+        del self.narrow[slot]
         self.rows = {key: row for key, row in self.rows.items() if key[0] != slot}
 
     # ----- invariants -----
@@ -189,12 +208,19 @@ class CacheMachine(RuleBasedStateMachine):
                                                atol=1e-5, rtol=1e-5, msg=name)
 
     @invariant()
+    def narrow_tiers_hold_the_first_kept_tokens(self):
+        for slot, layers in self.narrow.items() if self.tier == "narrow" else ():
+            for layer, want in enumerate(layers):
+                got = self.cache.tier_tables.lengths[layer, slot].long()
+                assert torch.equal(got, want), (slot, layer)
+
+    @invariant()
     def low_bit_tiers_hold_their_rows(self):
         for slot, layers in self.shadow_low.items():
-            if self.cache.low_tiers[slot] is None:
+            if not isinstance(self.cache.slot_tiers[slot], LowBitTier):
                 continue
             for layer, want in enumerate(layers):
-                got = self.cache.low_tier_view(layer, [slot])
+                got = self.cache.tier_view(layer, [slot])
                 assert torch.equal(got.lengths, want.lengths)
                 width = got.positions.shape[1]
                 assert torch.equal(got.positions, want.positions[:, :width])
@@ -204,12 +230,12 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def a_low_bit_row_never_changes(self):
         for slot in self.shadow_low:
-            tier = self.cache.low_tiers[slot]
-            for layer in range(LAYERS if tier is not None else 0):
-                low = self.cache._low_layer(layer, tier)
+            tier = self.cache.slot_tiers[slot]
+            for layer in range(LAYERS if isinstance(tier, LowBitTier) else 0):
+                low = self.cache._tier_layer(layer, tier)
                 for head in range(HEADS):
-                    for t in range(int(self.cache.low.lengths[layer, slot, head])):
-                        block = int(self.cache.low.block_tables[layer, slot, head,
+                    for t in range(int(self.cache.tier_tables.lengths[layer, slot, head])):
+                        block = int(self.cache.tier_tables.block_tables[layer, slot, head,
                                                                 t // low.slots_per_block])
                         row = low.rows[block, t % low.slots_per_block].clone()
                         key = (slot, layer, head, int(low.format.positions(row)))
@@ -222,7 +248,11 @@ class CacheMachine(RuleBasedStateMachine):
         assert self.pool.num_free == NUM_PAGES, "pages leaked"
 
 
-def _concat_low(views: list[LowTierView]) -> LowTierView:
+def view_live(view: StreamView) -> torch.Tensor:
+    return torch.arange(view.positions.shape[1])[None, :] < view.lengths[:, None]
+
+
+def _concat_low(views: list[TierView]) -> TierView:
     """The low tiers of several requests as one padded batch (request-major)."""
     width = max(v.positions.shape[1] for v in views)
 
@@ -231,7 +261,7 @@ def _concat_low(views: list[LowTierView]) -> LowTierView:
         shape[1] = width - x.shape[1]
         return torch.cat([x, x.new_full(shape, fill)], dim=1)
 
-    return LowTierView(torch.cat([pad(v.keys, 0.0) for v in views]),
+    return TierView(torch.cat([pad(v.keys, 0.0) for v in views]),
                        torch.cat([pad(v.values, 0.0) for v in views]),
                        torch.cat([pad(v.positions, -1) for v in views]),
                        torch.cat([pad(v.scores, 0.0) for v in views]),

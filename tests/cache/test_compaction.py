@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from filled_cache import BLOCK_SIZE, HEADS, HEAD_DIM, LAYERS, assert_view_equals, filled_cache
-from selection_cases import (KINDS, empty_low_tier, expected_after, expected_low_after,
-                             random_selection)
+from selection_cases import KINDS, expected_after, expected_low_after, random_selection
 from vllm_kvcompress.cache import PagedStreamCache
+from vllm_kvcompress.cache.second_tier import TierView
 from vllm_kvcompress.policies.selection import LowBitTier, Selection
 
 
@@ -17,14 +17,25 @@ from vllm_kvcompress.policies.selection import LowBitTier, Selection
 def test_compaction_equals_apply_selection(kind):
     cache, pool = filled_cache([13, 30, 7], spare_pages=2)
     view = cache.gather(1, [2, 0, 1])
+    held = cache.bytes_held([2, 0, 1])
     selection = random_selection(view, seed=5, keep_prob=0.5, kind=kind)
     cache.compact(1, [2, 0, 1], selection)
-    assert_view_equals(cache.gather(1, [2, 0, 1]), expected_after(view, selection, HEADS))
+    narrow_state = (torch.zeros(3 * HEADS, HEAD_DIM), torch.zeros(3 * HEADS, dtype=torch.long))
+    expected = expected_after(view, selection, HEADS,
+                              narrow_state if selection.narrow is not None else None)
+    assert_view_equals(cache.gather(1, [2, 0, 1]), expected)
     if selection.demote is not None:
-        want, _ = expected_low_after(empty_low_tier(3 * HEADS, HEAD_DIM),
+        want, _ = expected_low_after(TierView.empty(3 * HEADS, HEAD_DIM),
                                      torch.zeros(3 * HEADS, HEAD_DIM), view, selection, HEADS)
-        assert_low_tier_equals(cache.low_tier_view(1, [2, 0, 1]), want)
-        assert int(cache.low.lengths[1].sum()) > 0
+        assert_low_tier_equals(cache.tier_view(1, [2, 0, 1]), want)
+        assert int(cache.tier_tables.lengths[1].sum()) > 0
+    if selection.narrow is not None:
+        narrowed = (selection.narrow & selection.keep).sum(dim=1)
+        assert cache.tier_tables.lengths[1, [2, 0, 1]].flatten().tolist() == narrowed.tolist()
+        # What the streams hold: narrow rows cost no more than full tokens (here, with 8
+        # channels, their position and score take what the 2 pruned channels free).
+        full_token = 2 * HEAD_DIM * 4
+        assert cache.bytes_held([2, 0, 1]) <= held - (view.lengths - expected.lengths).sum() * full_token
     cache.check_invariants(pool.free_pages())
 
 
@@ -41,14 +52,14 @@ def test_demoted_rows_are_stored_once_and_moved_as_they_are():
     params, position, rank) while new ones arrive, the cap drops the lowest ranks, and the
     tier stays in token order after the full tier's blocks."""
     cache, pool = filled_cache([30, 27], spare_pages=2)
-    old, balance = empty_low_tier(2 * HEADS, HEAD_DIM), torch.zeros(2 * HEADS, HEAD_DIM)
+    old, balance = TierView.empty(2 * HEADS, HEAD_DIM), torch.zeros(2 * HEADS, HEAD_DIM)
     seen: dict[tuple[int, int], torch.Tensor] = {}
     for step in range(3):
         view = cache.gather(0, [1, 0])
         selection = random_selection(view, seed=10 + step, keep_prob=0.6, kind="demote")
         want, balance = expected_low_after(old, balance, view, selection, HEADS)
         cache.compact(0, [1, 0], selection)
-        assert_low_tier_equals(cache.low_tier_view(0, [1, 0]), want)
+        assert_low_tier_equals(cache.tier_view(0, [1, 0]), want)
         assert_view_equals(cache.gather(0, [1, 0]), expected_after(view, selection, HEADS))
         for (stream, position), row in rows_by_position(cache, [1, 0]).items():
             assert torch.equal(seen.setdefault((stream, position), row), row)
@@ -59,13 +70,13 @@ def test_demoted_rows_are_stored_once_and_moved_as_they_are():
 
 def rows_by_position(cache, slots):
     """{(stream, position): row bytes} of layer 0's low-bit tiers."""
-    low = cache._low_layer(0, cache.low_tiers[slots[0]])
+    low = cache._tier_layer(0, cache.slot_tiers[slots[0]])
     rows = {}
     for r, slot in enumerate(slots):
         for head in range(HEADS):
-            length = int(cache.low.lengths[0, slot, head])
+            length = int(cache.tier_tables.lengths[0, slot, head])
             for t in range(length):
-                block = int(cache.low.block_tables[0, slot, head, t // low.slots_per_block])
+                block = int(cache.tier_tables.block_tables[0, slot, head, t // low.slots_per_block])
                 row = low.rows[block, t % low.slots_per_block].clone()
                 rows[(r * HEADS + head, int(low.format.positions(row)))] = row
     return rows
@@ -80,7 +91,7 @@ def test_a_low_tier_that_outgrows_the_pages_is_refused_before_writing():
     tier = LowBitTier(8, 8)
     keep = view.positions >= 1
     with pytest.raises(RuntimeError, match="head-blocks after compaction"):
-        cache.compact(0, [0], Selection(keep=keep, demote=~keep, low_tier=tier))
+        cache.compact(0, [0], Selection(keep=keep, demote=~keep, second_tier=tier))
     assert all(torch.equal(a, b) for a, b in zip(before, cache.cells))
 
 

@@ -69,9 +69,9 @@ def test_schedule_pages_with_a_shared_prefix():
     private = CompressionSchedule(budget=64, interval=16, block_size=32)
     # The prompt step that compresses first: 1000 tokens in 32 pages, 31 of them full
     # and read-only, plus fresh pages for the 79 tokens compression keeps at most.
-    assert private.pages_for_step(0, 1000, 1000, compressed=False) == 32
-    assert schedule.pages_for_step(0, 1000, 1000, compressed=False) == 31 + 4
+    assert private.pages_for_step(0, 1000, 1000, 0) == 32
+    assert schedule.pages_for_step(0, 1000, 1000, 0) == 31 + 4
     assert schedule.shared_pages(1000) == 31 and private.shared_pages(1000) == 0
     # Afterwards both keep the bound only; before, every token.
-    assert schedule.pages_for_step(1000, 1, 1000, compressed=True) == 4
-    assert schedule.pages_for_step(300, 200, 1000, compressed=False) == 16
+    assert schedule.pages_for_step(1000, 1, 1000, 1000) == 4
+    assert schedule.pages_for_step(300, 200, 1000, 0) == 16

@@ -30,6 +30,17 @@ def test_eval_takes_policy_options_and_memory_fractions(tmp_path, capsys):
     assert "KV bytes" in capsys.readouterr().out
 
 
+def test_eval_leaves_out_settings_a_memory_fraction_cannot_reach(tmp_path, capsys):
+    """At 20% of the KV bytes uncapped mikv cannot run (its 4 + 2-bit tier alone takes 25%):
+    the sweep runs what it can and says what it left out."""
+    assert main(["eval", "tasks", "--tasks", "passkey", "--lengths", "192", "--samples", "1",
+                 "--policies", "snapkv,mikv", "--memory-fraction", "0.2",
+                 "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [row["setting"] for row in document["summary"]] == ["snapkv@20%"]
+    assert "left out mikv@20%" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--policies", "mikv:key_bits=9"], "kv_policy_args.key_bits=9: must be an integer >= 1 and <= 8"),
     (["--policies", "mikv:key_bits"], "name:key=value"),

@@ -64,3 +64,10 @@ def test_memory_fraction_settings_get_a_budget_per_length(runner, count_tokens):
         assert mikv.budget < snapkv.budget
         for record in (snapkv, mikv):
             assert 0.4 < record.kv_fraction <= 0.55
+    # A memory no budget of a setting reaches: skipped, and said so, at each length.
+    skipped = []
+    tight = settings_grid(["mikv"], [], memory_fractions=[0.125])
+    assert evaluate(runner, samples, tight, shape=runner.kv_shape,
+                    on_skip=lambda setting, length, why: skipped.append((length, why))) == []
+    assert [length for length, _ in skipped] == [256, 384]
+    assert "at any budget" in skipped[0][1]

@@ -117,7 +117,7 @@ def selection_rows(selection: Selection, streams, width: int) -> dict[str, torch
         value = getattr(selection, field.name)
         if isinstance(value, torch.Tensor):
             value = value[index]
-            if field.name not in ("key_channel_mask", "key_balance"):
+            if field.name not in ("key_scales",):
                 value = value[:, :width]
         rows[field.name] = value
     return rows
@@ -131,7 +131,7 @@ def assert_same_selection(a: dict, b: dict, live: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             assert type(x) is type(y) and x == y, name
             continue
-        if name in ("key_channel_mask", "key_balance"):
+        if name in ("key_scales",):
             mask = torch.ones_like(x, dtype=torch.bool)
         else:
             mask = (live if x.dim() == 2 else live[..., None]).expand_as(x)

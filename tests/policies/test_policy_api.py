@@ -9,7 +9,7 @@ from policy_batches import make_batch
 from vllm_kvcompress.policies import Selection, apply_selection, implemented_policies, make_policy
 from vllm_kvcompress.policies.apply import demoted
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
-from vllm_kvcompress.policies.selection import LowBitTier
+from vllm_kvcompress.policies.selection import LowBitTier, NarrowKeyTier
 
 
 def test_every_known_policy_is_implemented():
@@ -35,9 +35,9 @@ def test_published_defaults():
     assert (think.base.name, think.options["pruning_ratio"], think.options["recent"]) == ("snapkv", 0.4, 32)
     mikv = make_policy("mikv")
     assert (mikv.base.name, mikv.query_window) == ("snapkv", 32)
-    assert mikv.low_tier == LowBitTier(key_bits=3, value_bits=3, cap=None)
-    assert make_policy("mikv", lowbit_budget=500, value_bits=2).low_tier == LowBitTier(3, 2, 500)
-    assert make_policy("snapkv").low_tier is None
+    assert mikv.second_tier == LowBitTier(key_bits=4, value_bits=2, cap=None)
+    assert make_policy("mikv", lowbit_budget=500, key_bits=3).second_tier == LowBitTier(3, 2, 500)
+    assert make_policy("snapkv").second_tier is None
 
 
 def test_signals_each_policy_asks_for():
@@ -188,7 +188,7 @@ def test_demoted_slots_are_live_and_never_kept():
     keep = torch.zeros(2, 8, dtype=torch.bool)
     keep[:, :2] = True
     demote = torch.ones(2, 8, dtype=torch.bool)
-    selection = Selection(keep=keep, demote=demote, low_tier=LowBitTier(3, 3))
+    selection = Selection(keep=keep, demote=demote, second_tier=LowBitTier(3, 3))
     assert demoted(data, selection).sum(dim=1).tolist() == [6, 3]
     out = apply_selection(data, selection)   # the full tier only: demoted slots leave it
     assert out.lengths.tolist() == [2, 2]
@@ -204,12 +204,12 @@ def test_low_tier_cap_keeps_the_highest_ranks():
     assert not LowBitTier(3, 3, cap=0).survivors(ranks, candidates).any()
 
 
-def test_channel_pruning_only_on_pruned_slots():
+def test_channel_pruning_only_on_narrow_slots():
     data = one_stream(dim=4)
-    mask = torch.tensor([[True, False, True, False]])
-    pruned = torch.tensor([[True, True, True, True, False, False]])
-    selection = Selection(keep=torch.ones(1, 6, dtype=torch.bool), key_channel_mask=mask,
-                          key_pruned_slots=pruned)
+    scales = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    narrow = torch.tensor([[True, True, True, True, False, False]])
+    selection = Selection(keep=torch.ones(1, 6, dtype=torch.bool), narrow=narrow,
+                          key_scales=scales, second_tier=NarrowKeyTier(0.5))
     out = apply_selection(data, selection)
     assert (out.keys[0, :4, 1] == 0).all() and (out.keys[0, :4, 3] == 0).all()
     assert torch.equal(out.keys[0, :4, ::2], data.keys[0, :4, ::2])

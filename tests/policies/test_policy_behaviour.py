@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from policy_batches import make_batch
 from vllm_kvcompress.policies import apply_selection, make_policy
+from vllm_kvcompress.policies.selection import LowBitTier, NarrowKeyTier
 
 
 def kept(selection, stream=0) -> set[int]:
@@ -86,7 +87,7 @@ def ems_batch():
 def test_ems_merges_similar_evicted_keys_into_their_centre():
     data = ems_batch()
     # The planted centre is important by accumulated attention: the global score's part.
-    policy = make_policy("ems", window=4, global_weight=1.0, pool="none")
+    policy = make_policy("ems", window=4, global_weight=1.0, pool="none", lowbit_share=0.0)
     selection = policy.compress(data, 11)
     assert 15 in kept(selection) and not {20, 21} & kept(selection)
     assert selection.merge_into[0, 20] == 15 and selection.merge_into[0, 21] == 15
@@ -101,6 +102,35 @@ def test_ems_merges_similar_evicted_keys_into_their_centre():
     expected = (weights[:, None] * data.values[0, members]).sum(0) / weights.sum()
     torch.testing.assert_close(out.values[0, row], expected)
     torch.testing.assert_close(out.acc_scores[0, row], data.acc_scores[0, members].sum())
+
+
+def test_ems_demotes_its_zero_class_within_the_budgets_bytes():
+    data = ems_batch()
+    policy = make_policy("ems", window=4, global_weight=1.0, pool="none")   # lowbit_share 0.5
+    selection = policy.compress(data, 22)
+    # Half the budget at full precision, the rest as 4 + 2-bit rows (40 bytes against 128
+    # for a 16-bit token of 32 channels): 11 tokens' bytes hold 35 rows.
+    assert policy.full_budget(22) == 11 and selection.keep[0].sum() == 11
+    assert selection.second_tier == LowBitTier(4, 2, cap=11 * 128 // 40)
+    assert policy.second_tier_for(22, 32) == selection.second_tier
+    merged = ~selection.keep[0] & (selection.merge_into[0] >= 0)
+    assert torch.equal(selection.demote[0], data.live_mask()[0] & ~selection.keep[0] & ~merged)
+    assert policy.max_layer_budget(22, 8) == 11
+    assert make_policy("ems", lowbit_share=0.0).second_tier_for(22, 32) is None
+
+
+def test_merges_reach_at_most_max_merge_span_positions():
+    data = make_batch([60], num_kv_heads=1, head_dim=8, window=4, seed=2)
+    data.acc_scores[0] = torch.linspace(0.1, 1.0, 60)
+    data.acc_scores[0, :4] = 10.0
+    reach = {}
+    for span in (None, 8):
+        selection = make_policy("elastic", max_merge_span=span).compress(data, 10)
+        members = (~selection.keep[0] & (selection.merge_into[0] >= 0)).nonzero().squeeze(1)
+        distance = (data.positions[0, members]
+                    - data.positions[0, selection.merge_into[0, members]]).abs()
+        reach[span] = int(distance.max())
+    assert reach[8] == 8 and reach[None] > 40
 
 
 def test_kvmerger_merges_a_run_of_similar_keys_into_its_most_attended_member():
@@ -188,13 +218,16 @@ def test_elastic_merges_into_the_nearest_kept_token_by_position():
     torch.testing.assert_close(out.keys[0, 1], data.keys[0, 3:6].mean(0))
 
 
-def test_think_prunes_the_channels_queries_ignore_except_on_recent_slots():
-    data = make_batch([40], num_kv_heads=1, head_dim=8, window=4, seed=5)
+def test_think_narrows_kept_keys_to_the_channels_queries_use_but_the_recent_ones():
+    data = make_batch([40, 6], num_kv_heads=2, head_dim=8, window=4, seed=5)
     data.window_queries[..., [2, 5]] = 0.0
     policy = make_policy("think", window=4, pruning_ratio=0.25, recent=4)
     selection = policy.compress(data, 12)
-    assert selection.key_channel_mask[0].tolist() == [True, True, False, True, True, False, True, True]
+    assert selection.key_scales[0].tolist() == [1, 1, 0, 1, 1, 0, 1, 1]
+    assert selection.second_tier == NarrowKeyTier(0.25)
     assert kept(selection) == kept(make_policy("snapkv", window=4).compress(data, 12))
+    assert set(selection.narrow[0].nonzero().squeeze(1).tolist()) == kept(selection) - set(range(36, 40))
+    assert selection.narrow[1].tolist()[:6] == [True, True, False, False, False, False]  # within budget
     out = apply_selection(data, selection)
     assert (out.keys[0, :8, [2, 5]] == 0).all()
     assert torch.equal(out.keys[0, 8:12], data.keys[0, 36:40])
@@ -209,10 +242,10 @@ def test_mikv_keeps_the_base_at_full_precision_and_demotes_the_rest():
     assert set(selection.demote[0].nonzero().squeeze(1).tolist()) == set(range(6, 34))
     assert kept(selection, 1) == set(range(9)) and not selection.demote[1, :9].any()
     torch.testing.assert_close(selection.demote_scores[0], data.acc_scores[0])
-    assert selection.low_tier == make_policy("mikv").low_tier
+    assert selection.second_tier == make_policy("mikv").second_tier
     queries = data.window_queries[0].abs().amax(dim=(0, 1))
     keys = data.keys[0].abs().amax(dim=0)
-    torch.testing.assert_close(selection.key_balance[0], (queries / keys).sqrt())
+    torch.testing.assert_close(selection.key_scales[0], (queries / keys).sqrt())
 
 
 def test_mikv_does_not_demote_what_its_base_merges():

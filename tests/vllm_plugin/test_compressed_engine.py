@@ -45,7 +45,13 @@ def test_budget_above_context_matches_stock(model_dir, prompts, stock_outputs):
               GREEDY]
     with started_llm(model_dir, additional_config={"kv_policy": "snapkv", "budget": 4000}) as llm:
         outputs = run(llm, prompts, params).outputs
-    assert outputs == stock_outputs
+        assert outputs == stock_outputs
+        # Policies with a second tier (MiKV's low-bit tier, ThinK's narrow keys) too.
+        tiered = [SamplingParams(**_greedy_kwargs(), extra_args=extra) for extra in (
+            {"kv_policy": "mikv"}, {"kv_policy": "think"},
+            {"kv_policy": "mikv", "kv_policy_args": {"base": "h2o", "lowbit_budget": 8}},
+            {"kv_policy": "think", "kv_policy_args": {"base": "h2o"}})]
+        assert run(llm, prompts, tiered).outputs == stock_outputs
 
 
 def _greedy_kwargs():
@@ -112,7 +118,16 @@ def test_per_request_overrides_and_bad_values(model_dir, prompts):
         for extra, expected in [({"budget": 0}, "budget"), ({"kv_policy": "lru"}, "kv_policy"),
                                 ({"budget": 100000}, "max_model_len"),
                                 # the server keeps ems's 32 window queries per request
-                                ({"kv_window": 64}, "kv_window=64")]:
+                                ({"kv_window": 64}, "kv_window=64"),
+                                ({"kv_policy": "mikv", "kv_policy_args": {"key_bits": 9}},
+                                 "key_bits=9: must be an integer >= 1 and <= 8"),
+                                ({"kv_policy": "mikv", "kv_policy_args": {"lowbit_budget": -1}},
+                                 "lowbit_budget=-1"),
+                                ({"kv_policy": "think", "kv_policy_args": {"base": "mikv"}},
+                                 "base='mikv': must be one of: snapkv"),
+                                ({"kv_policy_args": {"lowbit_budget": 3}},
+                                 "unknown option 'lowbit_budget' for policy 'ems'"),
+                                ({"kv_policy_args": "{not json"}, "must be a JSON object")]:
             with pytest.raises(VLLMValidationError, match=expected):
                 llm.generate(["hello"], SamplingParams(max_tokens=2, extra_args=extra),
                              use_tqdm=False)
@@ -163,18 +178,20 @@ def test_chunked_prefill_mode_compresses_between_chunks(model_dir, tokenizer):
     assert most_pages <= -(-(128 + 16 - 1 + 256 + 31) // 32) < 2000 // 32
 
 
-def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, tokenizer):
+@pytest.mark.parametrize("policy", ["snapkv", "mikv", "think"])
+def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, tokenizer, policy):
     """Invariant 5 with vLLM's prefix caching on (its default): requests sharing a prompt
     prefix read its cached pages instead of computing them, compression never writes a
-    hashed page, an accumulated-attention policy stays out of the cache, and every answer
-    equals the one with prefix caching off."""
+    hashed page (a second tier's rows go to the request's own pages too), an
+    accumulated-attention policy stays out of the cache, and every answer equals the one
+    with prefix caching off."""
     prefix = prompt_of_length(tokenizer, 600, seed=300)
     prompts = [prefix + prompt_of_length(tokenizer, 40 + 30 * i, seed=310 + i) for i in range(4)]
     # r2 never compresses, so it holds shared pages to the end; r3's h2o sums every query's
     # attention, which a cache hit would skip.
     params = [GREEDY, GREEDY] + [SamplingParams(**_greedy_kwargs(), extra_args=extra)
                                  for extra in ({"budget": 4000}, {"kv_policy": "h2o"})]
-    config = {"kv_policy": "snapkv", "budget": 64, "kv_interval": 8}
+    config = {"kv_policy": policy, "budget": 64, "kv_interval": 8}
     with started_llm(model_dir, additional_config=config, enable_prefix_caching=False) as llm:
         expected = run(llm, prompts, params).outputs
     with started_llm(model_dir, additional_config=config) as llm:
@@ -216,15 +233,16 @@ def _hashed_pages(pool) -> dict:
             if block.block_hash is not None}
 
 
-def test_prompts_near_max_model_len_with_prefix_caching(model_dir, tokenizer):
+@pytest.mark.parametrize("policy", ["snapkv", "mikv"])
+def test_prompts_near_max_model_len_with_prefix_caching(model_dir, tokenizer, policy):
     """The first compression of a shared-prefix request holds its full prompt pages and the
-    compressed bound at once: near max_model_len that is more pages than the context has,
-    and vLLM's worker block table must have room for them."""
+    compressed bound at once (with mikv: its low-bit rows too): near max_model_len that is
+    more pages than the context has, and vLLM's worker block table must have room for them."""
     prompt = prompt_of_length(tokenizer, 1000, seed=11)
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
                              extra_args={"budget": budget}) for budget in (256, 256, 900)]
     with started_llm(model_dir, max_model_len=1024,
-                     additional_config={"kv_policy": "snapkv", "budget": 256}) as llm:
+                     additional_config={"kv_policy": policy, "budget": 256}) as llm:
         stats = run(llm, [prompt] * 3, params)
         assert all_pages_free(llm)
     assert all(len(tokens) == 24 for tokens in stats.outputs.values())

@@ -106,6 +106,19 @@ def test_missing_and_malformed_presets(tmp_path, model_dir):
     assert "--budget='lots'" in cli_error("--model", str(model_dir), "--kv-config", str(wrong_type))
 
 
+@pytest.mark.parametrize(("policy_args", "expected"), [
+    ("{key_bits: 9}", "kv_policy_args.key_bits=9: must be an integer >= 1 and <= 8 (policy 'mikv')"),
+    ("{value_bits: 0}", "kv_policy_args.value_bits=0: must be an integer >= 1 and <= 8"),
+    ("{base: nope}", "kv_policy_args.base='nope': must be one of: snapkv"),
+    ("{lowbit_budget: -1}", "kv_policy_args.lowbit_budget=-1: must be an integer >= 0 (or null)"),
+    ("{bits: 3}", "unknown option 'bits' for policy 'snapkv'"),
+])
+def test_bad_policy_options_stop_the_start(tmp_path, model_dir, policy_args, expected):
+    preset = tmp_path / "mikv.yaml"
+    preset.write_text(f"kv_policy: mikv\nkv_policy_args: {policy_args}\n")
+    assert expected in cli_error("--model", str(model_dir), "--kv-config", str(preset))
+
+
 def test_presets_load_and_flags_override_them():
     preset = load_preset("snapkv-1024")
     assert preset["kv_policy"] == "snapkv" and preset["budget"] == 1024

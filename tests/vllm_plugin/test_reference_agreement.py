@@ -2,7 +2,7 @@
 policy and budget -> the same kept token positions in every stream and tier and the same
 greedy tokens. All requests share one batch, so its steps attend in parts: vLLM's CPU
 kernel for the policies that read no accumulated attention, the torch path (with score
-emission) for those that do, and the torch path over both tiers for mikv."""
+emission) for those that do, and the torch path over both tiers for mikv and think."""
 
 from __future__ import annotations
 
@@ -14,22 +14,31 @@ from vllm import SamplingParams
 
 from vllm_kvcompress.eval.reference_runner import ActivePolicy, ReferenceRunner
 from vllm_kvcompress.eval.settings import Setting
+from vllm_kvcompress.policies.selection import NarrowKeyTier
 from vllm_kvcompress.vllm_plugin import runtime_registry
-from vllm_kvcompress.vllm_plugin.runtime import CompressionRuntime
+from vllm_kvcompress.vllm_plugin.runtime import CompressionRuntime, TorchRoute
 
 POLICIES = ("ems", "snapkv", "h2o", "streaming", "pyramidkv", "adakv", "kvmerger", "d2o", "cam",
             "elastic", "think", "mikv")
+# Variants sent with per-request kv_policy_args: the narrow tier under a policy that
+# accumulates attention (its rows get scores too), the low-bit tier with a cap.
+VARIANTS = {"think+h2o": ("think", {"base": "h2o"}),
+            "mikv+cap": ("mikv", {"base": "h2o", "lowbit_budget": 200})}
 BUDGET, INTERVAL, MAX_TOKENS = 128, 16, 40
 PROMPT_LENGTHS = (420, 700)
 # (policy, prompt) pairs left out: ill-conditioned in float32, not a disagreement.
 # - kvmerger, prompt 0: in layer 4 two adjacent keys have a cosine 1.2e-7 from the merge
 #   threshold (0.8), so the last bit of vLLM's vs transformers' keys decides that merge.
-# - ems, prompt 1: at its second compression, head 0 of layer 24 keeps 154 slots and the
-#   cut falls inside a run of six slots (positions 221-226) whose max-pooled scores are
-#   exactly equal (0.21255), so the last bit of the Ada-KV head budgets picks the survivors.
-NEAR_TIES = {("kvmerger", 0), ("ems", 1)}
-CASES = [(policy, index) for policy in POLICIES for index in range(len(PROMPT_LENGTHS))
-         if (policy, index) not in NEAR_TIES]
+# - think+h2o, prompt 0: at its third compression, head 2 of layer 17 cuts between two
+#   accumulated scores 1.2e-7 apart (1.62142873 and 1.62142885, one float32 step).
+NEAR_TIES = {("kvmerger", 0), ("think+h2o", 0)}
+CASES = [(case, index) for case in (*POLICIES, *VARIANTS)
+         for index in range(len(PROMPT_LENGTHS)) if (case, index) not in NEAR_TIES]
+
+
+def spec(case: str) -> tuple[str, dict]:
+    """(policy, kv_policy_args) of a case name."""
+    return VARIANTS.get(case, (case, {}))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,7 @@ def prompts(model_dir):
 
 @pytest.fixture(scope="module")
 def vllm_results(model_dir, prompts):
-    """{(policy, prompt index): (greedy tokens, kept positions [layer][head])}: all
+    """{(case, prompt index): (greedy tokens, kept positions [tier][layer][head])}: all
     requests in one batch, each read from the worker right after its last step (the worker
     forgets a request on the step after)."""
     results = {}
@@ -49,7 +58,7 @@ def vllm_results(model_dir, prompts):
 
     def recording_plan_step(runtime, *args):
         plan = plan_step(runtime, *args)
-        attention_paths.add(tuple(part.native is not None for part in plan.attention))
+        attention_paths.add(tuple(part.route for part in plan.attention))
         return plan
 
     config = {"kv_policy": "snapkv", "budget": BUDGET, "kv_interval": INTERVAL}
@@ -57,58 +66,65 @@ def vllm_results(model_dir, prompts):
           started_llm(model_dir, max_model_len=2048, additional_config=config) as llm):
         patch.setattr(CompressionRuntime, "plan_step", recording_plan_step)
         engine = llm.llm_engine
-        for policy, index in CASES:
+        for case, index in CASES:
+            policy, options = spec(case)
             params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True,
-                                    extra_args={"kv_policy": policy})
-            engine.add_request(f"{policy}/{index}", {"prompt_token_ids": prompts[index]}, params)
+                                    extra_args={"kv_policy": policy, "kv_policy_args": options})
+            engine.add_request(f"{case}/{index}", {"prompt_token_ids": prompts[index]}, params)
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.finished:
-                    policy, index = output.request_id.split("/")
-                    results[policy, int(index)] = (list(output.outputs[0].token_ids),
+                    case, index = output.request_id.split("/")
+                    results[case, int(index)] = (list(output.outputs[0].token_ids),
                                                    worker_kept_positions(output.request_id))
-    # Steps with all kinds of request attended in three parts: vLLM's kernel, the torch path
-    # with score emission, the torch path over a low-bit tier.
-    assert (True, False, False) in attention_paths
+    # A step of the batch attends in one part per route: vLLM's kernel (None), and the torch
+    # path with or without score emission, over no tier, a low-bit or a narrow-key tier.
+    routes = {route for paths in attention_paths for route in paths}
+    tiers = {route.second_tier for route in routes if route is not None}
+    assert None in routes and TorchRoute(True, None) in routes
+    assert {type(tier).__name__ for tier in tiers} == {"NoneType", "LowBitTier", "NarrowKeyTier"}
+    assert {route.emit_scores for route in routes if route and route.second_tier} == {True, False}
+    assert max(len(paths) for paths in attention_paths) >= 5
     return results
 
 
 def worker_kept_positions(request_id: str) -> list[list[list[torch.Tensor]]]:
-    """[tier][layer][head] -> positions: the full tier, then the low-bit tier (if any)."""
+    """[tier][layer][head] -> positions: the full tier, then the second tier (if any)."""
     runtime = runtime_registry.get()
     # vLLM's internal id is the request id plus a random suffix.
     (streams,) = [s for rid, s in runtime.requests.items() if rid.startswith(request_id + "-")]
-    tiers = [[]]
+    cache, heads = runtime.cache, range(runtime.num_kv_heads)
+    tier = cache.slot_tiers[streams.slot]
+    full, second = [], []
     for layer in range(runtime.num_layers):
-        view = runtime.cache.gather(layer, [streams.slot])
-        tiers[0].append([view.positions[head, :view.lengths[head]].cpu()
-                         for head in range(runtime.num_kv_heads)])
-    if runtime.cache.low_tiers[streams.slot] is not None:
-        tiers.append([])
-        for layer in range(runtime.num_layers):
-            low = runtime.cache.low_tier_view(layer, [streams.slot])
-            tiers[1].append([low.positions[head, :low.lengths[head]].cpu()
-                             for head in range(runtime.num_kv_heads)])
-    return tiers
+        view = cache.gather(layer, [streams.slot])   # narrow rows first, as policies see them
+        rows = cache.tier_view(layer, [streams.slot]) if tier is not None else None
+        start = rows.lengths if isinstance(tier, NarrowKeyTier) else [0] * len(heads)
+        full.append([view.positions[h, start[h]:view.lengths[h]].cpu() for h in heads])
+        if rows is not None:
+            second.append([rows.positions[h, :rows.lengths[h]].cpu() for h in heads])
+    return [full, second] if tier is not None else [full]
 
 
 @pytest.fixture(scope="module")
 def prefilled(model_dir, prompts):
     """The reference runner and each prompt prefilled once (generate() forks it)."""
     runner = ReferenceRunner(model_dir)
-    window = max(ActivePolicy.from_setting(Setting(p, BUDGET)).window for p in POLICIES)
+    settings = [Setting(spec(case)[0], BUDGET, options=spec(case)[1]) for case, _ in CASES]
+    window = max(ActivePolicy.from_setting(setting).window for setting in settings)
     return runner, [runner.prefill(prompt, window=window) for prompt in prompts]
 
 
-@pytest.mark.parametrize(("policy", "index"), CASES)
-def test_vllm_keeps_what_the_reference_runner_keeps(prefilled, vllm_results, policy, index):
+@pytest.mark.parametrize(("case", "index"), CASES)
+def test_vllm_keeps_what_the_reference_runner_keeps(prefilled, vllm_results, case, index):
     runner, states = prefilled
-    active = ActivePolicy.from_setting(Setting(policy, BUDGET, interval=INTERVAL))
+    name, options = spec(case)
+    active = ActivePolicy.from_setting(Setting(name, BUDGET, interval=INTERVAL, options=options))
     generation = runner.generate(states[index], MAX_TOKENS, active)
     expected = [generation.state.kept_positions()]
-    if active.policy.low_tier is not None:
-        expected.append(generation.state.low_positions())
-    tokens, kept = vllm_results[policy, index]
+    if active.policy.second_tier_for(BUDGET, runner.kv_shape.head_size) is not None:
+        expected.append(generation.state.second_tier_positions())
+    tokens, kept = vllm_results[case, index]
 
     assert len(generation.state.compressions) >= 2  # after the prompt and during decode
     assert tokens == generation.token_ids
@@ -117,7 +133,7 @@ def test_vllm_keeps_what_the_reference_runner_keeps(prefilled, vllm_results, pol
         for layer, (heads, expected_heads) in enumerate(zip(layers, expected_layers)):
             for head, (positions, expected_positions) in enumerate(zip(heads, expected_heads)):
                 assert positions.tolist() == expected_positions.tolist(), (tier, layer, head)
-    if policy == "mikv":   # no token left behind: every one is in one tier or the other
+    if case == "mikv":   # no token left behind: every one is in one tier or the other
         everything = list(range(generation.state.num_tokens))
         for full, low in zip(kept[0], kept[1]):
             for head_full, head_low in zip(full, low):

@@ -52,6 +52,8 @@ def server(model_dir, tmp_path_factory):
 def test_budget_above_context_matches_stock(server, prompts, stock_texts):
     # Per-request budget beyond every context: nothing is evicted, outputs are stock's.
     assert complete_all(server, prompts, {"budget": 4000}) == stock_texts
+    for policy in ("mikv", "think"):
+        assert complete_all(server, prompts, {"kv_policy": policy, "budget": 4000}) == stock_texts
 
 
 def test_compressed_requests_answer_and_show_on_metrics(server, prompts):
@@ -69,12 +71,28 @@ def test_compressed_requests_answer_and_show_on_metrics(server, prompts):
     assert metrics["vllm:kv_compress_pages_freed_total"] > 0
 
 
+def test_low_bit_tier_bytes_show_on_metrics(server, prompts):
+    """A long request under mikv at budget 64: its streams hold 64 tokens at full
+    precision and the rest at 3 + 3 bits (64-byte rows against 512 bytes for a float32
+    token), so the gauges read well under full KV but above what 64 tokens alone take."""
+    body = {"model": "smol", "prompt": prompts[-1], "max_tokens": 48, "temperature": 0,
+            "ignore_eos": True, "vllm_xargs": {"kv_policy": "mikv", "budget": 64}}
+    assert server.post("/v1/completions", body)["choices"][0]["text"]
+    metrics = server.metrics()   # the gauges keep the last values seen while it ran
+    seen, kept = metrics["vllm:kv_compress_bytes_seen"], metrics["vllm:kv_compress_bytes_kept"]
+    tokens_seen = metrics["vllm:kv_compress_tokens_seen"]
+    assert seen == tokens_seen * 30 * 3 * 2 * 64 * 4          # layers, KV heads, K+V, D, fp32
+    assert 64 / tokens_seen < kept / seen < 0.3
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
     ({"budget": 0}, "budget"),
     ({"budget": "many"}, "budget"),
     ({"kv_policy": "fifo"}, "kv_policy"),
     ({"budget": 99999}, "max_model_len"),
     ({"kv_window": 64}, "allowed: 0 to 32"),
+    ({"kv_policy": "mikv", "kv_policy_args": '{"key_bits": 0}'}, "key_bits=0"),
+    ({"kv_policy": "mikv", "kv_policy_args": "{oops"}, "must be a JSON object"),
 ])
 def test_bad_request_settings_are_http_400(server, extra, expected):
     with pytest.raises(urllib.error.HTTPError) as excinfo:

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvcompress.cache.append import blocks_for
-from vllm_kvcompress.cache.low_tier import LowTierLayer, apply_low_tier, plan_low_tier
+from vllm_kvcompress.cache.low_tier import plan_low_tier
 from vllm_kvcompress.cache.pools import LayerPools
+from vllm_kvcompress.cache.second_tier import TierLayer, write_tier
 from vllm_kvcompress.cache.selection_rewrites import rewrite_survivors
 from vllm_kvcompress.cache.stream_tables import StreamTables, stream_slot_ids
 from vllm_kvcompress.kernels import SlotMerge, gather_merge_slots, write_slots
@@ -56,7 +57,7 @@ class CompactionPlan:
 
 def compact_layer(pools: LayerPools, tables: StreamTables, layer: int, slots: torch.Tensor,
                   selection: Selection, impl: str | None = None,
-                  low: LowTierLayer | None = None) -> None:
+                  low: TierLayer | None = None) -> None:
     """Apply `selection` (over the padded [R * H, T] layout of `gather`) to requests `slots`,
     whose low-bit tiers (if they have one) are `low`."""
     plan = plan_compaction(tables, layer, slots, selection, pools.keys.shape[1])
@@ -70,7 +71,7 @@ def compact_layer(pools: LayerPools, tables: StreamTables, layer: int, slots: to
     write_slots(*pools, plan.dst, survivors.keys, survivors.values, survivors.positions,
                 survivors.scores, impl)
     if moves is not None:
-        apply_low_tier(low, layer, slots, moves)
+        write_tier(low, layer, slots, moves)
     _commit_tables(tables, layer, slots, plan)
 
 

@@ -6,7 +6,7 @@
    Shared prefix pages (`share_prefix`) are the exception: a page may belong to several
    requests when all but one of them hold it among their shared leading pages.
 2. A stream's live slots are its first `length` slots, in original token order (strictly
-   increasing positions); so are its low-bit tier's rows, and no position is in both tiers.
+   increasing positions); so are its second tier's rows, and no position is in both tiers.
 4. A request's head-blocks of both tiers fit in its pages (used <= pages * H in every layer).
 """
 
@@ -31,18 +31,18 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
         positions = cache.layers[layer].positions.cpu()
         block_tables = tables.block_tables[layer].cpu().tolist()
         lengths = tables.lengths[layer].cpu().tolist()
-        low_tables = cache.low.block_tables[layer].cpu().tolist()
-        low_lengths = cache.low.lengths[layer].cpu().tolist()
+        low_tables = cache.tier_tables.block_tables[layer].cpu().tolist()
+        low_lengths = cache.tier_tables.lengths[layer].cpu().tolist()
         used = tables.used_blocks[layer].cpu().tolist()
         owner: dict[int, tuple[int, int]] = {}
         for slot in range(cache.max_requests):
             local_of = {page: i for i, page in enumerate(pages[slot][:counts[slot]])}
             assert used[slot] <= counts[slot] * heads, \
                 f"layer {layer} slot {slot}: {used[slot]} head-blocks in {counts[slot]} pages"
-            tier = cache.low_tiers[slot]
-            low = None if tier is None else cache._low_layer(layer, tier)
+            tier = cache.slot_tiers[slot]
+            low = None if tier is None else cache._tier_layer(layer, tier)
             assert low is not None or not any(low_lengths[slot]), \
-                f"layer {layer} slot {slot}: low-bit rows without a tier"
+                f"layer {layer} slot {slot}: second-tier rows without a tier"
             taken = []
             for head in range(heads):
                 where = (layer, slot, head)

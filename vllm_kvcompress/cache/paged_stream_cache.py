@@ -15,14 +15,15 @@ import torch
 from vllm_kvcompress.cache.append import append_tokens, pages_needed, plan_growth
 from vllm_kvcompress.cache.compaction import compact_layer
 from vllm_kvcompress.cache.invariants import check_invariants
-from vllm_kvcompress.cache.low_tier import LowTierLayer, LowTierTables, LowTierView, view_low_tier
+from vllm_kvcompress.cache.narrow_tier import compact_narrow, gather_streams
 from vllm_kvcompress.cache.pools import (LayerPools, create_layer_pools, fresh_head_blocks,
                                          head_block_cells)
+from vllm_kvcompress.cache.second_tier import (TierLayer, TierTables, TierView, row_format,
+                                               view_tier)
 from vllm_kvcompress.cache.stream_tables import StreamTables, stream_slot_ids
 from vllm_kvcompress.kernels import paged_attention, write_slots
-from vllm_kvcompress.kernels.low_bit import LowBitFormat
-from vllm_kvcompress.kernels.low_bit_attention import low_bit_attention
-from vllm_kvcompress.policies.selection import LowBitTier, Selection
+from vllm_kvcompress.kernels.tier_attention import add_tier_scores, tier_attention
+from vllm_kvcompress.policies.selection import NarrowKeyTier, SecondTier, Selection
 
 IntsLike = Sequence[int] | torch.Tensor
 
@@ -73,10 +74,10 @@ class PagedStreamCache:
         self.tables = StreamTables.create(
             num_layers, num_kv_heads, max_requests, max_pages_per_request,
             max_blocks_per_stream or max_pages_per_request, device)
-        # Low-bit tiers: tables, and each request's tier (host side; None = no tier).
-        self.low = LowTierTables.create(num_layers, num_kv_heads, max_requests,
-                                        self.tables.max_blocks_per_stream, head_size, device)
-        self.low_tiers: list[LowBitTier | None] = [None] * max_requests
+        # Second tiers (second_tier.py): tables, and each request's tier (host side).
+        self.tier_tables = TierTables.create(num_layers, num_kv_heads, max_requests,
+                                             self.tables.max_blocks_per_stream, head_size, device)
+        self.slot_tiers: list[SecondTier | None] = [None] * max_requests
         # Host copy of the page counts: the caller's own bookkeeping, read without syncs.
         self._page_counts = [0] * max_requests
         # Leading pages each request reads but another request wrote (share_prefix).
@@ -168,11 +169,11 @@ class PagedStreamCache:
         self.tables.lengths[:, device_slots] = 0
         self.tables.used_blocks[:, device_slots] = 0
         self.tables.page_counts[device_slots] = 0
-        self.low.reset(device_slots)
+        self.tier_tables.reset(device_slots)
         for slot in slot_list:
             self._page_counts[slot] = 0
             self.shared_pages[slot] = 0
-            self.low_tiers[slot] = None
+            self.slot_tiers[slot] = None
         return pages
 
     # ----- tokens -----
@@ -201,9 +202,17 @@ class PagedStreamCache:
                     None if scores is None else scores.reshape(-1), self.impl)
 
     def gather(self, layer: int, slots: IntsLike, max_len: int | None = None) -> StreamView:
-        """One layer's streams of requests `slots`, padded to max_len (default: the
-        longest stream, read from the device: a sync on a GPU)."""
+        """One layer's streams of requests `slots` as their policy sees them, padded to
+        max_len (default: the longest stream, read from the device: a sync on a GPU): the
+        full tier, after the narrow-key tier's rows when the requests have one (its
+        streams are never padded past the longest)."""
+        tier = self._tier_of([int(s) for s in slots], None, record=False)
         slots = self._slots(slots)
+        if isinstance(tier, NarrowKeyTier):
+            batch, _ = gather_streams(self.layers[layer], self._tier_layer(layer, tier),
+                                      self.tables, layer, slots)
+            return StreamView(batch.keys, batch.values, batch.positions, batch.acc_scores,
+                              batch.lengths)
         lengths = self.tables.lengths[layer, slots].reshape(-1).long()
         if max_len is None:
             max_len = int(lengths.max()) if len(lengths) else 0
@@ -222,52 +231,70 @@ class PagedStreamCache:
     def compact(self, layer: int, slots: IntsLike, selection: Selection) -> None:
         """Apply a policy's Selection over `gather(layer, slots)`'s padded [R * H, T] layout:
         survivors (merged per the Selection) become each stream's first slots, demoted
-        slots join the low-bit tier, and the request's live head-blocks of both tiers are
-        repacked into its first pages. T must cover every live slot (slots past T count as
-        evicted)."""
-        tier = self._low_tier_of([int(s) for s in slots], selection.low_tier)
-        low = None if tier is None else self._low_layer(layer, tier)
-        compact_layer(self.layers[layer], self.tables, layer, self._slots(slots), selection,
-                      self.impl, low)
+        or narrowed slots join the second tier, and the request's live head-blocks of both
+        tiers are repacked into its first pages. T must cover every live slot (slots past
+        T count as evicted)."""
+        tier = self._tier_of([int(s) for s in slots], selection.second_tier)
+        pools, slots = self.layers[layer], self._slots(slots)
+        if isinstance(tier, NarrowKeyTier):
+            compact_narrow(pools, self._tier_layer(layer, tier), self.tables, layer, slots,
+                           selection, self.impl)
+            return
+        low = None if tier is None else self._tier_layer(layer, tier)
+        compact_layer(pools, self.tables, layer, slots, selection, self.impl, low)
 
     def attention(self, layer: int, query: torch.Tensor, query_start_loc: torch.Tensor,
                   slots: IntsLike, scale: float, emit_scores: bool = False,
                   max_query_len: int | None = None,
-                  low_tier: LowBitTier | None = None) -> torch.Tensor:
+                  second_tier: SecondTier | None = None) -> torch.Tensor:
         """Attention [tokens, Hq, D] of this step's queries [tokens, Hq, D] (request r's are
         query[qsl[r]:qsl[r + 1]], its last q_len tokens, already appended and written).
         emit_scores adds each slot's attention mass (over both tiers) to its accumulated
-        score. low_tier: the tier of those requests that have one (one softmax with it)."""
+        score. second_tier: the tier of those requests that have one, attended in one
+        softmax with the full tier."""
         pools = self.layers[layer]
         slots = self._slots(slots)
-        prior = None
-        if low_tier is not None:
-            low = self._low_layer(layer, low_tier)
-            prior = low_bit_attention(query, low.rows, low.format, self.low.block_tables[layer],
-                                      self.low.lengths[layer], self.low.key_balance[layer],
-                                      slots, query_start_loc, scale, self.impl)
-        return paged_attention(query, pools.keys, pools.values,
-                               self.tables.block_tables[layer], self.tables.lengths[layer],
-                               slots, query_start_loc, scale,
-                               pools.scores if emit_scores else None, max_query_len, self.impl,
-                               prior)
+        if second_tier is None:
+            return paged_attention(query, pools.keys, pools.values,
+                                   self.tables.block_tables[layer], self.tables.lengths[layer],
+                                   slots, query_start_loc, scale,
+                                   pools.scores if emit_scores else None, max_query_len,
+                                   self.impl)
+        tier = self._tier_layer(layer, second_tier)
+        rows = (tier.rows, tier.format, self.tier_tables.block_tables[layer],
+                self.tier_tables.lengths[layer], self.tier_tables.key_scales[layer], slots,
+                query_start_loc, scale)
+        prior = tier_attention(query, *rows, self.impl)
+        # A narrow tier's rows accumulate attention like full slots (a low-bit row's score
+        # is its rank, fixed when it was demoted).
+        emit_rows = emit_scores and isinstance(second_tier, NarrowKeyTier)
+        lse = torch.empty(query.shape[:2], device=query.device) if emit_rows else None
+        output = paged_attention(query, pools.keys, pools.values,
+                                 self.tables.block_tables[layer], self.tables.lengths[layer],
+                                 slots, query_start_loc, scale,
+                                 pools.scores if emit_scores else None, max_query_len, self.impl,
+                                 prior, lse)
+        if emit_rows:
+            add_tier_scores(query, *rows, lse)
+        return output
 
-    def low_tier_view(self, layer: int, slots: IntsLike) -> LowTierView:
-        """One layer's low-bit tiers of requests `slots` (which share a tier), decoded."""
-        tiers = {self.low_tiers[int(s)] for s in slots} - {None}
-        if len(tiers) != 1:
-            raise ValueError(f"requests {list(slots)} have low-bit tiers {tiers or 'none'}")
-        return view_low_tier(self._low_layer(layer, tiers.pop()), layer, self._slots(slots))
+    def tier_view(self, layer: int, slots: IntsLike) -> TierView:
+        """One layer's second tiers of requests `slots` (which share a tier), decoded."""
+        tier = self._tier_of([int(s) for s in slots], None, record=False)
+        if tier is None:
+            raise ValueError(f"requests {list(slots)} have no second tier")
+        return view_tier(self._tier_layer(layer, tier), layer, self._slots(slots))
 
     def bytes_held(self, slots: list[int]) -> int:
         """KV bytes the requests' streams hold in both tiers, all layers (a host sync)."""
         full_token = 2 * self.head_size * self.layers[0].keys.element_size()
-        row_bytes = torch.tensor([0 if self.low_tiers[s] is None
-                                  else self._format(self.low_tiers[s]).row_bytes for s in slots])
+        row_bytes = torch.tensor([0 if self.slot_tiers[s] is None
+                                  else self.row_format(self.slot_tiers[s]).row_bytes
+                                  for s in slots])
         device_slots = self._slots(slots)
         full = self.tables.lengths[:, device_slots].sum(dim=(0, 2)).cpu()
-        low = self.low.lengths[:, device_slots].sum(dim=(0, 2)).cpu()
-        return int((full * full_token + low * row_bytes).sum())
+        second = self.tier_tables.lengths[:, device_slots].sum(dim=(0, 2)).cpu()
+        return int((full * full_token + second * row_bytes).sum())
 
     def check_invariants(self, free_pages: torch.Tensor | None = None) -> None:
         """Raise AssertionError unless the storage invariants hold (tests; syncs freely).
@@ -276,26 +303,28 @@ class PagedStreamCache:
 
     # ----- helpers -----
 
-    def _format(self, tier: LowBitTier) -> LowBitFormat:
-        return LowBitFormat(self.head_size, tier.key_bits, tier.value_bits)
+    def row_format(self, tier: SecondTier):
+        """The rows `tier` is stored in here (second_tier.row_format)."""
+        return row_format(tier, self.head_size, self.layers[0].keys.dtype)
 
-    def _low_layer(self, layer: int, tier: LowBitTier) -> LowTierLayer:
-        fmt = self._format(tier)
-        return LowTierLayer(tier, fmt, fmt.row_pool(self.cells[layer]), self.low)
+    def _tier_layer(self, layer: int, tier: SecondTier) -> TierLayer:
+        fmt = self.row_format(tier)
+        return TierLayer(tier, fmt, fmt.row_pool(self.cells[layer]), self.tier_tables)
 
-    def _low_tier_of(self, slots: list[int], tier: LowBitTier | None) -> LowBitTier | None:
-        """The low-bit tier shared by requests `slots` (recorded at their first compaction
-        with one); a request's tier never changes."""
-        known = {self.low_tiers[s] for s in slots} - {None}
+    def _tier_of(self, slots: list[int], tier: SecondTier | None,
+                 record: bool = True) -> SecondTier | None:
+        """The second tier shared by requests `slots` (recorded at their first compaction
+        with one, when `record`); a request's tier never changes."""
+        known = {self.slot_tiers[s] for s in slots} - {None}
         if tier is not None:
             known.add(tier)
         if len(known) > 1:
-            raise ValueError(f"requests {slots} compacted together have different low-bit "
+            raise ValueError(f"requests {slots} handled together have different second "
                              f"tiers: {sorted(map(str, known))}")
         tier = known.pop() if known else None
-        if tier is not None:
+        if tier is not None and record:
             for slot in slots:
-                self.low_tiers[slot] = tier
+                self.slot_tiers[slot] = tier
         return tier
 
     def _slots(self, slots: IntsLike) -> torch.Tensor:

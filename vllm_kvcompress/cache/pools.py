@@ -8,7 +8,7 @@ Head-block hb = page * H + kv_head holds block_size slots of one KV head:
 Inside vLLM `keys` and `values` are views of vLLM's per-layer KV tensor with whatever strides
 its attention kernel wants (on CPU keys are stored transposed in each block); the metadata
 pools are always the cache's own. The same memory read as bytes per head-block
-(`head_block_cells`) holds the rows of head-blocks in the low-bit tier (low_tier.py).
+(`head_block_cells`) holds the rows of second-tier head-blocks (second_tier.py).
 """
 
 from __future__ import annotations

@@ -16,9 +16,13 @@ first compression are hashed by vLLM and may be read by other requests: compress
 writes them. The first compression writes the survivors to fresh pages instead, and the
 request releases the full ones afterwards; they stay in vLLM's prefix cache.
 
-Policies with a low-bit tier (policies.selection.LowBitTier) keep every token they do not
-keep at full precision there, up to the tier's cap: the bound then counts bytes, as
-head-blocks of either kind (a low-bit head-block holds `low_slots_per_block` tokens).
+Policies with a second tier (policies.selection) store some tokens in rows smaller than a
+full token; the bound then counts bytes, as head-blocks of either kind (a second-tier
+head-block holds `tier_slots_per_block` rows):
+- a low-bit tier (MiKV) holds every token the full tier does not keep, up to its cap;
+- a narrow-key tier (ThinK) holds the kept tokens its first compression narrowed: the
+  tokens a stream holds at full width are then at most the `narrow_recent` it left
+  whole plus every token since.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ class CompressionSchedule:
     compression copies the survivors into fresh pages and then lets the full ones go.
     reread_tokens: a prefix-cache hit leaves at least this many prompt tokens to compute
     (the policy's observation window needs their queries).
-    low_slots_per_block: tokens per head-block of the policy's low-bit tier (0: no tier);
-    low_cap: most tokens that tier keeps per stream (None: no cap).
+    second_tier: "low_bit", "narrow_key" or None (see above); tier_slots_per_block: its
+    rows per head-block; low_cap: most rows a low-bit tier keeps per stream (None: no
+    cap); narrow_recent: kept tokens a first compression leaves whole (narrow-key tier).
     """
 
     budget: int
@@ -48,8 +53,10 @@ class CompressionSchedule:
     layer_budget: int | None = None
     shared_prefix: bool = False
     reread_tokens: int = 0
-    low_slots_per_block: int = 0
+    second_tier: str | None = None
+    tier_slots_per_block: int = 0
     low_cap: int | None = None
+    narrow_recent: int = 0
 
     def should_compress(self, num_tokens: int, last_compressed_at: int, prompt_len: int) -> bool:
         """Compress after a step that ends with `num_tokens` processed?
@@ -69,57 +76,76 @@ class CompressionSchedule:
 
     @property
     def compressed_tokens(self) -> int:
-        """Most tokens a compressed stream holds (on average per layer) between steps."""
-        return max(self.budget, self.layer_budget or 0) + self.interval - 1
+        """Most tokens a compressed stream holds at full precision (on average per layer)
+        between steps."""
+        kept = self.budget if self.layer_budget is None else self.layer_budget
+        return kept + self.interval - 1
 
-    def pages_for_tokens(self, mean_tokens: int, num_tokens: int) -> int:
-        """Pages holding H streams of mean length `mean_tokens` (of `num_tokens` seen) at full
-        precision, and with a low-bit tier the tokens they do not keep.
+    def pages_for_tokens(self, mean_tokens: int, num_tokens: int, compressed_at: int) -> int:
+        """Pages holding H streams that keep `mean_tokens` on average (of `num_tokens`
+        seen), in both tiers; compressed_at: tokens at the request's first compression
+        (0: none yet).
 
         Uncompressed streams all have the same length: ceil(n / block_size) pages. Once
         compressed, heads may differ in length, and each stream may leave its last
         head-block partly empty: sum_h ceil(len_h / bs) <= (H * mean + H * (bs - 1)) / bs.
-        A low-bit tier adds sum_h ceil(low_h / P) head-blocks with low_h <= min(n - len_h,
-        cap); a full slot costs more than a low one, so the sum over heads is largest when
-        every full tier is at the mean: (mean + bs - 1) / bs + (low + P - 1) / P per stream.
+        A second tier splits a stream into full slots and rows, (full + bs - 1) / bs +
+        (rows + P - 1) / P head-blocks. That is linear in the split, so over the heads the
+        sum is largest with every stream at the most full slots it can hold, or at none
+        (when a row costs more than a full slot):
+        - low-bit: full <= mean, rows <= min(n - full, cap) (it keeps what full does not);
+        - narrow-key: full + rows <= mean, full <= narrow_recent + n - compressed_at.
         """
-        block_size, per_block = self.block_size, self.low_slots_per_block
-        if not per_block:
+        block_size = self.block_size
+        if self.second_tier is None:
             if mean_tokens >= num_tokens:
                 return _cdiv(num_tokens, block_size)
             return min(_cdiv(num_tokens, block_size),
                        _cdiv(mean_tokens + block_size - 1, block_size))
-        full = min(mean_tokens, num_tokens)
-        low = max(num_tokens - full, 0)
-        low = low if self.low_cap is None else min(low, self.low_cap)
-        return _cdiv((full + block_size - 1) * per_block + (low + per_block - 1) * block_size,
+        kept = min(mean_tokens, num_tokens)
+        if self.second_tier == "low_bit":
+            full, rows, rows_alone = kept, num_tokens - kept, num_tokens
+            if self.low_cap is not None:
+                rows, rows_alone = min(rows, self.low_cap), min(rows_alone, self.low_cap)
+        else:
+            whole = self.narrow_recent + num_tokens - compressed_at if compressed_at else kept
+            full = min(kept, whole)
+            rows, rows_alone = kept - full, kept
+        return max(self._tier_pages(full, rows), self._tier_pages(0, rows_alone))
+
+    def _tier_pages(self, full: int, rows: int) -> int:
+        """ceil((full + bs - 1) / bs + (rows + P - 1) / P): pages for H streams of `full`
+        slots and `rows` second-tier rows each, partial head-blocks included."""
+        block_size, per_block = self.block_size, self.tier_slots_per_block
+        return _cdiv((full + block_size - 1) * per_block + (rows + per_block - 1) * block_size,
                      block_size * per_block)
 
     def pages_for_step(self, num_computed: int, num_scheduled: int, prompt_len: int,
-                       compressed: bool) -> int:
+                       compressed_at: int) -> int:
         """Pages a request needs while a step with `num_scheduled` new tokens runs.
 
-        compressed: whether the request's streams were compressed since it (re)started;
-        until then they hold every token. With `shared_prefix`, the step that compresses
-        first needs fresh pages for the survivors next to the full pages it reads.
+        compressed_at: tokens processed at the request's first compression since it
+        (re)started, 0 if none; until then its streams hold every token. With
+        `shared_prefix`, the step that compresses first needs fresh pages for the
+        survivors next to the full pages it reads.
         """
         num_tokens = num_computed + num_scheduled
-        if compressed:
+        if compressed_at:
             kept = min(num_computed, self.compressed_tokens)
-            return self.pages_for_tokens(kept + num_scheduled, num_tokens)
+            return self.pages_for_tokens(kept + num_scheduled, num_tokens, compressed_at)
         first = self.should_compress(num_tokens, 0, prompt_len)
         after = self.pages_for_tokens(self.max_tokens_after_step(num_tokens, prompt_len),
-                                      num_tokens)
+                                      num_tokens, num_tokens if first else 0)
         if self.shared_prefix and first:
             return self.shared_pages(num_tokens) + after
         whole = _cdiv(num_tokens, self.block_size)
         # A stream split between two tiers may leave two head-blocks partly empty.
-        return max(whole, after) if first and self.low_slots_per_block else whole
+        return max(whole, after) if first and self.second_tier else whole
 
-    def pages_to_keep(self, num_computed: int, prompt_len: int, compressed: bool) -> int:
+    def pages_to_keep(self, num_computed: int, prompt_len: int, compressed_at: int) -> int:
         """Pages a running request keeps between steps: enough for one more decode step,
         so a request in steady decode neither frees nor allocates pages."""
-        return self.pages_for_step(num_computed, 1, prompt_len, compressed)
+        return self.pages_for_step(num_computed, 1, prompt_len, compressed_at)
 
     def shared_pages(self, first_compressed_at: int) -> int:
         """Leading pages a `shared_prefix` request lets go after its first compression

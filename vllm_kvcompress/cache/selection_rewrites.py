@@ -1,7 +1,7 @@
-"""The rewrites a Selection asks of its survivors beyond class merges, applied to the
-gathered survivor buffer before it is scattered back: value-only merges (CaM) and
-key-channel pruning (ThinK). Steps 2-3 of policies.apply's `apply_selection`, with the
-same arithmetic (float32, cast back to the pool's dtype).
+"""The rewrite a Selection asks of its survivors beyond class merges, applied to the
+gathered survivor buffer before it is scattered back: value-only merges (CaM), step 2 of
+policies.apply's `apply_selection`, with the same arithmetic (float32, cast back to the
+pool's dtype). Key-channel pruning (ThinK) is the narrow-key tier's (narrow_tier.py).
 These policies are rare and the buffer is small, so plain torch ops (any device) suffice.
 """
 
@@ -22,18 +22,10 @@ if TYPE_CHECKING:
 
 def rewrite_survivors(survivors: GatheredSlots, pools: LayerPools, selection: Selection,
                       plan: CompactionPlan) -> GatheredSlots:
-    """The survivors [M, D] after value merges and channel pruning, in apply_selection's
-    order; unchanged when the Selection asks for neither."""
-    keys, values = survivors.keys, survivors.values
-    stream = plan.kept_flat // plan.keep.shape[1]                    # [M] stream of each row
-    if selection.value_merge_into is not None:
-        values = _value_merges(values, pools, selection, plan)
-    if selection.key_channel_mask is not None:
-        pruned = (torch.ones_like(plan.kept_flat, dtype=torch.bool)
-                  if selection.key_pruned_slots is None
-                  else selection.key_pruned_slots.flatten()[plan.kept_flat])
-        keys = keys.masked_fill(pruned[:, None] & ~selection.key_channel_mask[stream], 0)
-    return replace(survivors, keys=keys, values=values)
+    """The survivors [M, D] after value merges; unchanged when the Selection has none."""
+    if selection.value_merge_into is None:
+        return survivors
+    return replace(survivors, values=_value_merges(survivors.values, pools, selection, plan))
 
 
 def _value_merges(values: torch.Tensor, pools: LayerPools, selection: Selection,

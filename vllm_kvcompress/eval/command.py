@@ -95,13 +95,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model)
     samples = make_samples(task_names, [int(n) for n in _split(args.lengths)], args.samples,
                            args.seed, lambda text: len(tokenizer(text).input_ids))
-    shape = KVShape.of_model(model)
-    for setting in settings:   # a memory fraction no budget reaches fails before any run
-        for sample in samples:
-            try:
-                setting.at_memory(sample.num_tokens, shape)
-            except ValueError as error:
-                raise SystemExit(f"vllm-kvcompress eval: {setting.label}: {error}") from None
+    settings = _feasible(settings, samples, KVShape.of_model(model))
     runner = _runner(args, model)
     config = {"command": " ".join(sys.argv), "model": str(model), "runner": args.runner,
               "tasks": task_names, "samples": args.samples, "seed": args.seed,
@@ -117,7 +111,10 @@ def run_tasks(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         write_results(results_path, config, records)  # partial results survive a crash
 
-    evaluate(runner, samples, settings, on_record, shape)
+    def on_skip(setting, length, reason) -> None:
+        print(f"skipped {setting.label} at {length} tokens: {reason}", file=sys.stderr)
+
+    evaluate(runner, samples, settings, on_record, KVShape.of_model(model), on_skip)
     config["seconds"] = round(time.monotonic() - started)
     write_results(results_path, config, records)
     summary = summarize(records)
@@ -159,6 +156,28 @@ def resolve_model(name_or_path: str) -> Path | str:
 
         return model_path(name_or_path, log=lambda line: print(line, file=sys.stderr))
     return name_or_path
+
+
+def _feasible(settings: list, samples: list, shape: KVShape) -> list:
+    """The settings some prompt length can run: a memory fraction that no budget reaches at
+    any length is left out with a note (a sweep may ask for more than every policy can
+    give); if that leaves nothing, refuse."""
+    feasible, problems = [], []
+    for setting in settings:
+        errors = []
+        for sample in samples:
+            try:
+                setting.at_memory(sample.num_tokens, shape)
+            except ValueError as error:
+                errors.append(str(error))
+        if len(errors) < len(samples):
+            feasible.append(setting)
+        else:
+            problems.append(f"{setting.label}: {errors[0]}")
+            print(f"vllm-kvcompress eval: left out {problems[-1]}", file=sys.stderr)
+    if not feasible:
+        raise SystemExit(f"vllm-kvcompress eval: {problems[0]}")
+    return feasible
 
 
 def _settings(args: argparse.Namespace):

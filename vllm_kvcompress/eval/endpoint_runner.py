@@ -29,8 +29,12 @@ XARGS_MODES = ("auto", "always", "never")
 
 
 def vllm_xargs(setting: Setting) -> dict[str, Any]:
-    """The setting's per-request part, as vLLM's extra arguments."""
-    return {key: value for key, value in setting.plugin_settings().items() if key in REQUEST_KEYS}
+    """The setting's per-request part, as vLLM's extra arguments (which take no nested
+    objects over HTTP: policy options travel as a JSON string)."""
+    values = {key: value for key, value in setting.plugin_settings().items() if key in REQUEST_KEYS}
+    if "kv_policy_args" in values:
+        values["kv_policy_args"] = json.dumps(values["kv_policy_args"])
+    return values
 
 
 def check_room_for_answers(samples: Sequence[Sample], max_model_len: int | None) -> None:

@@ -50,10 +50,13 @@ class Record:
 
 def evaluate(runner: Runner, samples: Sequence[Sample], settings: Sequence[Setting],
              on_record: Callable[[Record], None] = lambda record: None,
-             shape: KVShape | None = None) -> list[Record]:
+             shape: KVShape | None = None,
+             on_skip: Callable[[Setting, int, str], None] = lambda *skipped: None,
+             ) -> list[Record]:
     """All (sample, setting) answers, scored with the sample's metric. Settings given by a
     memory fraction take, per target length, the budget for the shortest prompt of that
-    length (`shape`: the model's KV cache, needed then)."""
+    length (`shape`: the model's KV cache, needed then); where no budget fits that memory
+    (a low-bit tier alone too large), on_skip(setting, length, reason) is told instead."""
     records: list[Record] = []
 
     def on_answer(sample: Sample, setting: Setting, output: str,
@@ -77,5 +80,11 @@ def evaluate(runner: Runner, samples: Sequence[Sample], settings: Sequence[Setti
     for length in dict.fromkeys(sample.target_length for sample in samples):
         group = [sample for sample in samples if sample.target_length == length]
         shortest = min(sample.num_tokens for sample in group)
-        runner.run(group, [setting.at_memory(shortest, shape) for setting in settings], on_answer)
+        resolved = []
+        for setting in settings:
+            try:
+                resolved.append(setting.at_memory(shortest, shape))
+            except ValueError as error:
+                on_skip(setting, length, str(error))
+        runner.run(group, resolved, on_answer)
     return records

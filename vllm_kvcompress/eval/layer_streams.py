@@ -3,8 +3,10 @@
 Each KV head is a stream with its own length: tensors are padded to a capacity C and only
 the first `lengths[h]` slots of head h are live, in original token order. Next to K/V every
 slot keeps its token position and accumulated attention; the layer also keeps the last W
-queries of every query head (the observation window), as the vLLM path does. Policies with
-a low-bit tier add one more tier per stream (`low`, kept as the cache reads it back).
+queries of every query head (the observation window), as the vLLM path does. A second
+tier is kept as the paged cache reads it back: a low-bit tier as one more set of streams
+(`low`), a narrow-key tier as the first `narrow_lengths` slots of each stream, their keys
+zeroed in the pruned channels.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvcompress.cache.low_tier import (LowTierView, frozen_balance, low_tier_after)
+from vllm_kvcompress.cache.low_tier import low_tier_after
+from vllm_kvcompress.cache.narrow_tier import settle_narrowing
+from vllm_kvcompress.cache.second_tier import TierView, frozen_scales
 from vllm_kvcompress.kernels.low_bit import LowBitFormat
-from vllm_kvcompress.policies.selection import LowBitTier, Selection
+from vllm_kvcompress.policies.selection import LowBitTier, NarrowKeyTier, Selection
+from vllm_kvcompress.policies.apply import apply_selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch
 
 # Extra slots allocated when a stream outgrows its tensors (saves a copy per decode step).
@@ -34,7 +39,8 @@ class LayerStreams:
     window_positions: [W] int64  their token positions (-1 = absent)
     low:              the low-bit tier ([H, A, D] keys and values as read back, positions,
                       ranks, lengths), None before a policy with one compressed the layer
-    key_balance:      [H, D] float32 outlier balancing of the low-bit keys (0 = not fixed)
+    narrow_lengths:   [H] int64 narrow-key slots at the start of each stream
+    key_scales:       [H, D] float32 how the second tier stores keys (0 = not fixed yet)
     """
 
     keys: torch.Tensor
@@ -44,8 +50,9 @@ class LayerStreams:
     lengths: torch.Tensor
     window_queries: torch.Tensor
     window_positions: torch.Tensor
-    low: LowTierView | None = None
-    key_balance: torch.Tensor | None = None
+    low: TierView | None = None
+    narrow_lengths: torch.Tensor | None = None
+    key_scales: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, num_kv_heads: int, group: int, head_size: int, window: int,
@@ -69,10 +76,10 @@ class LayerStreams:
         return int(self.lengths.max())
 
     def clone(self) -> LayerStreams:
-        low = None if self.low is None else LowTierView(*(x.clone() for x in vars(self.low).values()))
-        return LayerStreams(
-            *(tensor.clone() for name, tensor in vars(self).items() if name not in ("low", "key_balance")),
-            low=low, key_balance=None if self.key_balance is None else self.key_balance.clone())
+        copies = {name: None if x is None else x.clone() for name, x in vars(self).items()
+                  if name != "low"}
+        low = None if self.low is None else TierView(*(x.clone() for x in vars(self.low).values()))
+        return LayerStreams(**copies, low=low)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """Write S new tokens after each stream's live slots.
@@ -131,30 +138,48 @@ class LayerStreams:
         self.lengths = batch.lengths.clone()
         self._grow(length + GROWTH)
 
-    def demote(self, batch: StreamBatch, selection: Selection, tier: LowBitTier) -> None:
-        """Add the slots `selection` demotes from `batch` (this layer's streams before the
-        compaction) to the low-bit tier, as the paged cache stores them (cache/low_tier.py)."""
+    def compact(self, batch: StreamBatch, selection: Selection) -> None:
+        """Apply a policy's `selection` over `batch` (this layer's streams, as stream_batch
+        gave them) the way the paged cache does, second tier included."""
         heads, _, head_size = batch.keys.shape
-        if self.low is None:
-            self.low = LowTierView(torch.zeros(heads, 0, head_size), torch.zeros(heads, 0, head_size),
-                                   torch.zeros(heads, 0, dtype=torch.long), torch.zeros(heads, 0),
-                                   torch.zeros(heads, dtype=torch.long))
-            self.key_balance = torch.zeros(heads, head_size)
-        balance = frozen_balance(self.key_balance, selection.key_balance)
-        fmt = LowBitFormat(head_size, tier.key_bits, tier.value_bits)
-        self.low = low_tier_after(self.low, batch, selection, tier, fmt, balance)
-        self.key_balance = balance
+        if self.key_scales is None:
+            self.key_scales = torch.zeros(heads, head_size)
+            self.narrow_lengths = torch.zeros(heads, dtype=torch.long)
+        tier = selection.second_tier
+        if isinstance(tier, LowBitTier):
+            scales = frozen_scales(self.key_scales, selection.key_scales)
+            fmt = LowBitFormat(head_size, tier.key_bits, tier.value_bits)
+            self.low = low_tier_after(self.low or TierView.empty(heads, head_size), batch,
+                                      selection, tier, fmt, scales)
+            self.key_scales = scales
+        elif isinstance(tier, NarrowKeyTier):
+            selection, self.key_scales = settle_narrowing(selection, self.key_scales,
+                                                          self.narrow_lengths)
+            self.narrow_lengths = (selection.narrow & batch.live_mask()).sum(dim=1)
+        self.replace_streams(apply_selection(batch, selection))
 
-    def low_positions(self) -> list[torch.Tensor]:
-        """Token positions in each stream's low-bit tier: H tensors of int64 (empty when
-        there is none), in token order."""
-        if self.low is None:
-            return [torch.zeros(0, dtype=torch.long) for _ in range(self.keys.shape[0])]
-        return [self.low.positions[h, :n].clone() for h, n in enumerate(self.low.lengths.tolist())]
+    def second_tier_lengths(self) -> torch.Tensor:
+        """[H] int64 tokens each stream holds in its second tier."""
+        if self.low is not None:
+            return self.low.lengths
+        if self.narrow_lengths is not None:
+            return self.narrow_lengths
+        return torch.zeros_like(self.lengths)
+
+    def second_tier_positions(self) -> list[torch.Tensor]:
+        """Token positions in each stream's second tier: H tensors of int64, in token order
+        (empty when there is none)."""
+        if self.low is not None:
+            return [self.low.positions[h, :n].clone() for h, n in enumerate(self.low.lengths.tolist())]
+        narrow = self.second_tier_lengths().tolist()
+        return [self.positions[h, :n].clone() for h, n in enumerate(narrow)]
 
     def kept_positions(self) -> list[torch.Tensor]:
-        """Token positions held by each stream: H tensors of int64, in slot order."""
-        return [self.positions[h, :n].clone() for h, n in enumerate(self.lengths.tolist())]
+        """Token positions held by each stream at full width: H tensors of int64, in slot
+        order."""
+        narrow = self.narrow_lengths.tolist() if self.narrow_lengths is not None else [0] * len(self.lengths)
+        return [self.positions[h, start:n].clone()
+                for h, (start, n) in enumerate(zip(narrow, self.lengths.tolist()))]
 
     def _grow(self, capacity: int) -> None:
         extra = capacity - self.capacity

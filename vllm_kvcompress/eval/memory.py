@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from vllm_kvcompress.kernels.low_bit import LowBitFormat
+from vllm_kvcompress.cache.second_tier import row_format
 from vllm_kvcompress.policies.base import Policy
+from vllm_kvcompress.policies.selection import LowBitTier, NarrowKeyTier
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,13 @@ class KVShape:
         """Bytes of one token of one stream (one layer, one KV head) at full precision."""
         return 2 * self.head_size * self.dtype_bytes
 
-    def row_fraction(self, policy: Policy) -> float:
-        """A low-bit row's bytes over a full token's (0 without a low-bit tier)."""
-        tier = policy.low_tier
+    def row_fraction(self, policy: Policy, budget: int) -> float:
+        """A second-tier row's bytes over a full token's (0 without a second tier)."""
+        tier = policy.second_tier_for(budget, self.head_size)
         if tier is None:
             return 0.0
-        return LowBitFormat(self.head_size, tier.key_bits, tier.value_bits).row_bytes / self.token_bytes
+        dtype = {1: torch.int8, 2: torch.bfloat16, 4: torch.float32}[self.dtype_bytes]
+        return row_format(tier, self.head_size, dtype).row_bytes / self.token_bytes
 
     @classmethod
     def of_model(cls, model: str | Path) -> KVShape:
@@ -64,14 +66,22 @@ class KVMemory:
 
 
 def stream_tokens(policy: Policy, budget: int, num_tokens: int, shape: KVShape) -> float:
-    """KV memory of one stream of `num_tokens` compressed to `budget`, in full tokens: the
-    full tier plus the low-bit tier's rows (every other token, up to its cap)."""
-    kept = min(budget, num_tokens)
-    tier = policy.low_tier
-    if tier is None:
-        return float(kept)
-    low = num_tokens - kept if tier.cap is None else min(num_tokens - kept, tier.cap)
-    return kept + low * shape.row_fraction(policy)
+    """KV memory of one stream of `num_tokens` compressed to `budget` (once), in full
+    tokens: the full tier plus the second tier's rows. A low-bit tier holds every other
+    token, up to its cap; a narrow-key tier (ThinK) every kept token but the last
+    `recent` (the policy's option). A stream no longer than the budget is not compressed
+    (the schedule's trigger), so it holds every token at full precision."""
+    if num_tokens <= budget:
+        return float(num_tokens)
+    kept = min(policy.full_budget(budget), num_tokens)
+    tier = policy.second_tier_for(budget, shape.head_size)
+    if isinstance(tier, LowBitTier):
+        low = num_tokens - kept if tier.cap is None else min(num_tokens - kept, tier.cap)
+        return kept + low * shape.row_fraction(policy, budget)
+    if isinstance(tier, NarrowKeyTier) and kept < num_tokens:
+        narrow = max(kept - policy.options["recent"], 0)
+        return kept - narrow + narrow * shape.row_fraction(policy, budget)
+    return float(kept)
 
 
 def budget_for_memory(policy: Policy, fraction: float, num_tokens: int, shape: KVShape) -> int:
@@ -82,7 +92,7 @@ def budget_for_memory(policy: Policy, fraction: float, num_tokens: int, shape: K
     if stream_tokens(policy, 1, num_tokens, shape) > target:
         raise ValueError(f"policy {policy.name!r} holds more than {100 * fraction:g}% of the KV "
                          f"bytes of {num_tokens} tokens at any budget (its low-bit tier alone "
-                         f"takes {100 * shape.row_fraction(policy):.1f}%): give it fewer bits "
+                         f"takes {100 * shape.row_fraction(policy, 1):.1f}%): give it fewer bits "
                          "or a lowbit_budget")
     low, high = 1, num_tokens
     while low < high:                        # memory grows with the budget
@@ -95,11 +105,12 @@ def budget_for_memory(policy: Policy, fraction: float, num_tokens: int, shape: K
 
 
 def held_memory(full_lengths: torch.Tensor, low_lengths: torch.Tensor, num_tokens: int,
-                policy: Policy | None, shape: KVShape) -> KVMemory:
-    """Bytes held by streams with full_lengths and low_lengths (any shape, summed) after
-    `num_tokens` tokens, against all of them at full precision."""
+                policy: Policy | None, budget: int | None, shape: KVShape) -> KVMemory:
+    """Bytes held by streams with full_lengths and second-tier low_lengths (any shape,
+    summed) after `num_tokens` tokens, against all of them at full precision."""
     kept = int(full_lengths.sum()) * shape.token_bytes
-    if policy is not None and policy.low_tier is not None:
-        kept += round(int(low_lengths.sum()) * shape.row_fraction(policy) * shape.token_bytes)
+    if policy is not None:
+        fraction = shape.row_fraction(policy, budget)
+        kept += round(int(low_lengths.sum()) * fraction * shape.token_bytes)
     dense = num_tokens * shape.num_layers * shape.num_kv_heads * shape.token_bytes
     return KVMemory(kept, dense)

@@ -1,4 +1,7 @@
-"""Accuracy vs budget per policy (mean over tasks), one panel per length; dense as a line."""
+"""Accuracy per setting (mean over tasks), one panel per length, one line per policy and
+options; dense as a line. The x axis is the KV bytes the answers held (share of full
+precision) when the runner reported them, so that tiers of different sizes compare at
+equal bytes, else the budget."""
 
 from __future__ import annotations
 
@@ -9,12 +12,14 @@ from vllm_kvcompress.eval.results import Accuracy
 from vllm_kvcompress.eval.settings import DENSE
 
 
-def mean_accuracy(summary: Sequence[Accuracy], length: int, policy: str,
-                  budget: int | None) -> float:
+def series(row: Accuracy) -> str:
+    """A setting's policy with its options: its label before the budget or memory."""
+    return row.setting.split("@")[0]
+
+
+def mean_of(rows: Sequence[Accuracy], field: str) -> float:
     """Mean over tasks (each task weighs the same, whatever its n)."""
-    rows = [row for row in summary
-            if (row.target_length, row.policy, row.budget) == (length, policy, budget)]
-    return sum(row.accuracy for row in rows) / len(rows)
+    return sum(getattr(row, field) for row in rows) / len(rows)
 
 
 def plot_accuracy(summary: Sequence[Accuracy], path: Path, title: str) -> None:
@@ -23,26 +28,32 @@ def plot_accuracy(summary: Sequence[Accuracy], path: Path, title: str) -> None:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
+    compressed = [row for row in summary if row.policy != DENSE]
+    by_bytes = bool(compressed) and all(row.kv_fraction is not None for row in compressed)
     lengths = sorted({row.target_length for row in summary})
-    policies = list(dict.fromkeys(row.policy for row in summary if row.policy != DENSE))
+    names = list(dict.fromkeys(series(row) for row in compressed))
     tasks = sorted({row.task for row in summary})
-    colors = plt.get_cmap("tab20").colors  # 12+ policies need more than the default 10
-    figure, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 1.5, 4),
+    colors = plt.get_cmap("tab20").colors  # 12+ lines need more than the default 10
+    figure, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths) + 2.5, 4),
                                 squeeze=False, sharey=True)
     for axis, length in zip(axes[0], lengths):
-        for index, policy in enumerate(policies):
-            budgets = sorted({row.budget for row in summary
-                              if (row.target_length, row.policy) == (length, policy)})
-            axis.plot(budgets, [mean_accuracy(summary, length, policy, b) for b in budgets],
-                      marker="osv^D<>ph*XP"[index % 12], color=colors[index % len(colors)],
-                      label=policy)
-        if any(row.policy == DENSE and row.target_length == length for row in summary):
-            axis.axhline(mean_accuracy(summary, length, DENSE, None), color="black",
-                         linestyle="--", label="dense")
-        budgets = sorted({row.budget for row in summary if row.policy != DENSE})
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(budgets, [str(budget) for budget in budgets])
-        axis.set_xlabel("budget (tokens per KV head per layer)")
+        for index, name in enumerate(names):
+            settings = {}
+            for row in compressed:
+                if row.target_length == length and series(row) == name:
+                    settings.setdefault(row.setting, []).append(row)
+            points = sorted((100 * mean_of(rows, "kv_fraction") if by_bytes else rows[0].budget,
+                             mean_of(rows, "accuracy")) for rows in settings.values())
+            axis.plot(*zip(*points), marker="osv^D<>ph*XP"[index % 12],
+                      color=colors[index % len(colors)], label=name)
+        dense = [row for row in summary if row.policy == DENSE and row.target_length == length]
+        if dense:
+            axis.axhline(mean_of(dense, "accuracy"), color="black", linestyle="--", label="dense")
+        if by_bytes:
+            axis.set_xlabel("KV bytes held (% of full precision)")
+        else:
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("budget (tokens per KV head per layer)")
         axis.set_title(f"{length} tokens")
         axis.set_ylim(-0.02, 1.02)
         axis.grid(alpha=0.3)

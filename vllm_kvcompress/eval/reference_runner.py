@@ -32,6 +32,7 @@ from vllm_kvcompress.eval.settings import Setting
 from vllm_kvcompress.eval.transformers_attention import ATTENTION_NAME
 from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.budgets import attention_density
+from vllm_kvcompress.policies.selection import NarrowKeyTier
 
 # should_compress does not depend on the page size; any value works here.
 BLOCK_SIZE = 16
@@ -121,8 +122,6 @@ class ReferenceRunner:
 
     def compress(self, state: RequestState, active: ActivePolicy) -> None:
         """Compress every layer's streams to the setting's budget; record kept positions."""
-        from vllm_kvcompress.policies.apply import apply_selection
-
         policy = active.policy
         for index, layer in enumerate(state.layers):
             window = policy.query_window if policy.needs_window_queries else None
@@ -131,13 +130,10 @@ class ReferenceRunner:
                 batch.acc_scores.zero_()  # as vLLM, which does not track it then
             if policy.needs_layer_densities:
                 batch.layer_densities = state.layer_densities
-            selection = policy.compress(batch, active.setting.budget)
-            if policy.low_tier is not None:
-                layer.demote(batch, selection, policy.low_tier)
-            layer.replace_streams(apply_selection(batch, selection))
+            layer.compact(batch, policy.compress(batch, active.setting.budget))
         state.last_compressed_at = state.num_tokens
         state.compressions.append(CompressionRecord(state.num_tokens, state.kept_positions(),
-                                                    state.low_positions()))
+                                                    state.second_tier_positions()))
 
     def maybe_compress(self, state: RequestState, active: ActivePolicy | None) -> None:
         if active is not None and active.schedule.should_compress(
@@ -190,11 +186,13 @@ class ReferenceRunner:
 
     def memory(self, state: RequestState, active: ActivePolicy | None) -> KVMemory:
         """The KV bytes a request's streams hold, both tiers (see eval/memory.py)."""
+        second = torch.stack([layer.second_tier_lengths() for layer in state.layers])
         full = torch.stack([layer.lengths for layer in state.layers])
-        low = torch.stack([layer.low.lengths if layer.low is not None
-                           else torch.zeros_like(layer.lengths) for layer in state.layers])
-        return held_memory(full, low, state.num_tokens, None if active is None else active.policy,
-                           self.kv_shape)
+        policy, budget = (None, None) if active is None else (active.policy, active.setting.budget)
+        if policy is not None and isinstance(policy.second_tier_for(budget, self.head_size),
+                                             NarrowKeyTier):
+            full = full - second   # narrow slots are the first of each stream here
+        return held_memory(full, second, state.num_tokens, policy, budget, self.kv_shape)
 
     def _forward(self, state: RequestState, token_ids: list[int]) -> None:
         positions = torch.arange(state.num_tokens, state.num_tokens + len(token_ids))

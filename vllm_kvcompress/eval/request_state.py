@@ -12,12 +12,12 @@ from vllm_kvcompress.eval.layer_streams import LayerStreams
 @dataclass
 class CompressionRecord:
     """Kept token positions after one compression: kept[layer][kv_head] is an int64
-    tensor of positions in slot order, low[layer][kv_head] those in the low-bit tier.
-    num_tokens: tokens processed when it ran."""
+    tensor of positions at full width in slot order, second_tier[layer][kv_head] those in
+    the second tier. num_tokens: tokens processed when it ran."""
 
     num_tokens: int
     kept: list[list[torch.Tensor]]
-    low: list[list[torch.Tensor]]
+    second_tier: list[list[torch.Tensor]]
 
 
 @dataclass
@@ -50,6 +50,6 @@ class RequestState:
         int64 tensor."""
         return [layer.kept_positions() for layer in self.layers]
 
-    def low_positions(self) -> list[list[torch.Tensor]]:
-        """Token positions in each stream's low-bit tier: [layer][kv_head] -> int64 tensor."""
-        return [layer.low_positions() for layer in self.layers]
+    def second_tier_positions(self) -> list[list[torch.Tensor]]:
+        """Token positions in each stream's second tier: [layer][kv_head] -> int64 tensor."""
+        return [layer.second_tier_positions() for layer in self.layers]

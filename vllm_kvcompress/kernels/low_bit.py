@@ -15,9 +15,9 @@ blocks of `block_size` D-vectors), read as rows of `row_bytes` bytes, so it hold
 Quantization is per token and asymmetric: step = (max - min) / (2**bits - 1) and the
 minimum are rounded to float16 first, then code = clamp(round((x - min) / step)), and x
 reads back as code * step + min in float32. Keys are quantized after multiplying by the
-stream's outlier-balancing factors b (per channel) and read back divided by them. The
-torch functions here are the format's definition; the Triton attention decodes the same
-bytes.
+stream's key scales (MiKV's outlier balancing, per channel) and read back divided by them.
+The torch functions here are the format's definition; the Triton attention decodes the
+same bytes.
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ class LowBitFormat:
         return cells[:, :slots * self.row_bytes].view(cells.shape[0], slots, self.row_bytes)
 
     def encode(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-               scores: torch.Tensor, key_balance: torch.Tensor | None = None) -> torch.Tensor:
+               scores: torch.Tensor, key_scales: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [M, row_bytes] uint8 of M tokens: keys, values [M, D] (any float dtype),
-        positions [M] int, scores [M] float, key_balance [M, D] float32 or None (= 1)."""
-        keys = keys.float() if key_balance is None else keys.float() * key_balance
+        positions [M] int, scores [M] float, key_scales [M, D] float32 (> 0) or None (= 1)."""
+        keys = keys.float() if key_scales is None else keys.float() * key_scales
         key_codes, key_step, key_min = quantize(keys, self.key_bits)
         value_codes, value_step, value_min = quantize(values.float(), self.value_bits)
         params = torch.stack([key_step, key_min, value_step, value_min], dim=1)      # fp16
@@ -94,17 +94,19 @@ class LowBitFormat:
                           _bytes(positions.to(torch.int32)[:, None]),
                           _bytes(scores.to(torch.float32)[:, None])], dim=1)
 
-    def decode(self, rows: torch.Tensor, key_balance: torch.Tensor | None = None,
+    def decode(self, rows: torch.Tensor, key_scales: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) [..., D] float32 of rows [..., row_bytes] uint8; key_balance
-        broadcastable to the keys, or None (= 1)."""
+        """(keys, values) [..., D] float32 of rows [..., row_bytes] uint8; key_scales
+        broadcastable to the keys (0 = none fixed yet: read as 1), or None (= 1)."""
         params = self.params(rows)
         keys = dequantize(unpack_planes(rows[..., :self.value_offset], self.key_bits),
                           params[..., 0], params[..., 1])
         value_end = self.value_offset + self.value_bits * self.plane_bytes
         values = dequantize(unpack_planes(rows[..., self.value_offset:value_end],
                                           self.value_bits), params[..., 2], params[..., 3])
-        return (keys if key_balance is None else keys / key_balance), values
+        if key_scales is not None:
+            keys = keys / torch.where(key_scales != 0, key_scales, 1.0)
+        return keys, values
 
     def params(self, rows: torch.Tensor) -> torch.Tensor:
         """[..., 4] float32: key step, key minimum, value step, value minimum."""
@@ -119,11 +121,11 @@ class LowBitFormat:
         return _field(rows, self.position_offset + 4, 4, torch.float32)[..., 0]
 
     def round_trip(self, keys: torch.Tensor, values: torch.Tensor,
-                   key_balance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   key_scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """What M tokens read back as after being stored: (keys, values) [M, D] float32."""
         positions = torch.zeros(keys.shape[0], dtype=torch.int32, device=keys.device)
-        rows = self.encode(keys, values, positions, positions.float(), key_balance)
-        return self.decode(rows, key_balance)
+        rows = self.encode(keys, values, positions, positions.float(), key_scales)
+        return self.decode(rows, key_scales)
 
 
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,7 +141,7 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 def dequantize(codes: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """codes [..., D] uint8, step / low [...] float32 -> [..., D] float32."""
-    return codes.float() * step[..., None] + low[..., None]
+    return torch.addcmul(low[..., None], codes.float(), step[..., None])
 
 
 def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -168,4 +170,9 @@ def _bytes(x: torch.Tensor) -> torch.Tensor:
 
 
 def _field(rows: torch.Tensor, offset: int, size: int, dtype: torch.dtype) -> torch.Tensor:
-    return rows[..., offset:offset + size].contiguous().view(dtype)
+    """Bytes [offset, offset + size) of rows [..., row_bytes] as `dtype` [..., size / itemsize]
+    (a view: the row size and the offsets are multiples of 4)."""
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    start = offset // dtype.itemsize
+    return rows.view(dtype)[..., start:start + size // dtype.itemsize]

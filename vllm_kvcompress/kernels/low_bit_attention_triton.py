@@ -1,4 +1,4 @@
-"""Triton kernel for `low_bit_attention`.
+"""Triton kernel for `tier_attention` over low-bit rows.
 
 One program per (request, KV head, tile of BLOCK_Q queries); rows = the tile's queries
 times the group's query heads, as in paged_attention_triton. It walks the stream's rows
@@ -39,11 +39,11 @@ def _decode(row_ptr, row_ok, dims, dim_ok, codes_offset, params_offset, BITS: tl
 
 @triton.jit
 def _low_bit_attention_kernel(
-        q_ptr, pool_ptr, table_ptr, len_ptr, balance_ptr, req_slot_ptr, qsl_ptr, out_ptr,
+        q_ptr, pool_ptr, table_ptr, len_ptr, scales_ptr, req_slot_ptr, qsl_ptr, out_ptr,
         lse_ptr, scale, head_dim,
         q_s_tok, q_s_head, out_s_tok, out_s_head, lse_s_tok, lse_s_head,
         pool_s_block, pool_s_slot, table_s_req, table_s_head, len_s_req, len_s_head,
-        bal_s_req, bal_s_head,
+        scale_s_req, scale_s_head,
         values_offset, params_offset,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
         SLOTS: tl.constexpr, BLOCK_D: tl.constexpr, KEY_BITS: tl.constexpr,
@@ -63,9 +63,9 @@ def _low_bit_attention_kernel(
     dim_ok = dims < head_dim
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * q_s_tok + q_head[:, None] * q_s_head
                 + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-    balance = tl.load(balance_ptr + req_slot * bal_s_req + kv_head * bal_s_head + dims,
+    balance = tl.load(scales_ptr + req_slot * scale_s_req + kv_head * scale_s_head + dims,
                       mask=dim_ok, other=1.0)
-    balance = tl.where(balance > 0, balance, 1.0)
+    balance = tl.where(balance != 0, balance, 1.0)
     length = tl.where(tile * BLOCK_Q < q_len, length, 0)
 
     row_max = tl.full([ROWS], float("-inf"), dtype=tl.float32)
@@ -100,10 +100,10 @@ def _low_bit_attention_kernel(
 
 def low_bit_attention_triton(query: torch.Tensor, row_pool: torch.Tensor, fmt: LowBitFormat,
                              block_tables: torch.Tensor, lengths: torch.Tensor,
-                             key_balance: torch.Tensor, request_slots: torch.Tensor,
+                             key_scales: torch.Tensor, request_slots: torch.Tensor,
                              query_start_loc: torch.Tensor,
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `low_bit_attention`."""
+    """Same contract as `tier_attention`, for LowBitFormat rows."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = block_tables.shape[1]
     group = num_q_heads // num_kv_heads
@@ -116,14 +116,14 @@ def low_bit_attention_triton(query: torch.Tensor, row_pool: torch.Tensor, fmt: L
     block_q = 1 if max_query_len == 1 else max(1, PREFILL_ROWS // group)
     rows = max(MIN_ROWS, triton.next_power_of_2(block_q * group))
     query = query if query.stride(2) == 1 else query.contiguous()
-    assert row_pool.stride(2) == 1 and block_tables.stride(2) == 1 and key_balance.stride(2) == 1
+    assert row_pool.stride(2) == 1 and block_tables.stride(2) == 1 and key_scales.stride(2) == 1
     grid = (len(request_slots), num_kv_heads, triton.cdiv(max_query_len, block_q))
     _low_bit_attention_kernel[grid](
-        query, row_pool, block_tables, lengths, key_balance, request_slots, query_start_loc,
+        query, row_pool, block_tables, lengths, key_scales, request_slots, query_start_loc,
         out, lse, scale, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
         row_pool.stride(0), row_pool.stride(1), block_tables.stride(0), block_tables.stride(1),
-        lengths.stride(0), lengths.stride(1), key_balance.stride(0), key_balance.stride(1),
+        lengths.stride(0), lengths.stride(1), key_scales.stride(0), key_scales.stride(1),
         fmt.value_offset, fmt.params_offset,
         GROUP=group, BLOCK_Q=block_q, ROWS=rows, SLOTS=row_pool.shape[1],
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), KEY_BITS=fmt.key_bits,

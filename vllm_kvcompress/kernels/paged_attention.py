@@ -25,7 +25,8 @@ def paged_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: tor
                     query_start_loc: torch.Tensor, scale: float,
                     scores_pool: torch.Tensor | None = None, max_query_len: int | None = None,
                     impl: str | None = None,
-                    prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output [tokens, Hq, D] in the query's dtype.
 
     query:           [tokens, Hq, D], request-major (request r's queries are contiguous)
@@ -41,18 +42,21 @@ def paged_attention(query: torch.Tensor, key_pool: torch.Tensor, value_pool: tor
     max_query_len:   largest q_len, if the caller knows it (else read from device: a sync)
     prior:           (out [tokens, Hq, D], lse [tokens, Hq]) float32 or None: a partial
                      softmax to join (lse -inf: nothing there)
+    lse_out:         [tokens, Hq] float32 or None: filled with each query's log-sum-exp
+                     over everything it attended (the prior included)
     """
     streams = (key_pool, value_pool, block_tables, lengths, request_slots, query_start_loc)
     if use_triton(query, impl):
         from vllm_kvcompress.kernels.paged_attention_triton import paged_attention_triton
 
-        return paged_attention_triton(query, *streams, scale, scores_pool, max_query_len, prior)
-    return paged_attention_reference(query, *streams, scale, scores_pool, prior)
+        return paged_attention_triton(query, *streams, scale, scores_pool, max_query_len, prior,
+                                      lse_out)
+    return paged_attention_reference(query, *streams, scale, scores_pool, prior, lse_out)
 
 
 def paged_attention_reference(query, key_pool, value_pool, block_tables, lengths,
                               request_slots, query_start_loc, scale,
-                              scores_pool=None, prior=None) -> torch.Tensor:
+                              scores_pool=None, prior=None, lse_out=None) -> torch.Tensor:
     """Torch version of `paged_attention` (CPU path and Triton's test oracle).
 
     Decode requests (one query each) are padded into one batch; each prefill chunk is
@@ -67,16 +71,19 @@ def paged_attention_reference(query, key_pool, value_pool, block_tables, lengths
     decode = (query_lens == 1).nonzero().flatten()
     if len(decode):
         rows = query_start_loc[:-1].long()[decode]
-        output[rows] = _decode_attention(query[rows], (key_pool, value_pool), block_tables,
-                                         lengths[request_slots[decode]].long(),
-                                         request_slots[decode], scale, scores_pool,
-                                         _rows(prior, rows))
+        output[rows], lse = _decode_attention(query[rows], (key_pool, value_pool), block_tables,
+                                              lengths[request_slots[decode]].long(),
+                                              request_slots[decode], scale, scores_pool,
+                                              _rows(prior, rows))
+        if lse_out is not None:
+            lse_out[rows] = lse
     for r in (query_lens > 1).nonzero().flatten().tolist():
         start, end = int(query_start_loc[r]), int(query_start_loc[r + 1])
         slot = request_slots[r]
-        output[start:end] = _chunk_attention(query[start:end], (key_pool, value_pool),
-                                             block_tables[slot], lengths[slot].long(), scale,
-                                             scores_pool, _rows(prior, slice(start, end)))
+        output[start:end] = _chunk_attention(
+            query[start:end], (key_pool, value_pool), block_tables[slot], lengths[slot].long(),
+            scale, scores_pool, _rows(prior, slice(start, end)),
+            None if lse_out is None else lse_out[start:end])
     return output
 
 
@@ -96,7 +103,8 @@ def _softmax_with_prior(logits, prior_lse):
 
 def _decode_attention(query, pools, block_tables, stream_lens, request_slots, scale,
                       scores_pool, prior=None):
-    """One query per request: query [R, Hq, D], stream_lens [R, H] -> [R, Hq, D]."""
+    """One query per request: query [R, Hq, D], stream_lens [R, H] -> (output [R, Hq, D],
+    log-sum-exp [R, Hq] over the slots and the prior)."""
     num_requests, num_q_heads, head_dim = query.shape
     num_kv_heads = block_tables.shape[1]
     slots, keys, values = _read_streams(pools, block_tables[request_slots], stream_lens)
@@ -111,18 +119,23 @@ def _decode_attention(query, pools, block_tables, stream_lens, request_slots, sc
     if scores_pool is not None:
         _add_scores(scores_pool, slots, live, probs.sum(dim=2))
     out = torch.einsum("rhgt,rhtd->rhgd", probs, values)
+    lse = torch.logsumexp(logits, dim=-1)
     if prior is not None:
         out += prior_weight * prior[0].view(out.shape)
-    return out.reshape(num_requests, num_q_heads, head_dim).to(query.dtype)
+        lse = torch.logaddexp(lse, prior_lse)
+    return (out.reshape(num_requests, num_q_heads, head_dim).to(query.dtype),
+            lse.reshape(num_requests, num_q_heads))
 
 
 # Queries attended at once in a prefill chunk: bounds the [Hq, chunk, T] probabilities.
 QUERY_CHUNK = 256
 
 
-def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool, prior=None):
+def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool, prior=None,
+                     lse_out=None):
     """A prefill chunk of one request: query [Q, Hq, D] (its last Q slots in every stream),
-    table [H, max_blocks], stream_lens [H] -> [Q, Hq, D]."""
+    table [H, max_blocks], stream_lens [H] -> [Q, Hq, D]; lse_out [Q, Hq] (or None) gets
+    each query's log-sum-exp over its slots and the prior."""
     num_queries, num_q_heads, head_dim = query.shape
     num_kv_heads = table.shape[0]
     group = num_q_heads // num_kv_heads
@@ -131,7 +144,8 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool, prior
     # SDPA adds the mask to q.k, so a NaN in an unwritten key would survive the mask.
     keys.masked_fill_(~live[..., None], 0.0)
     values.masked_fill_(~live[..., None], 0.0)
-    if scores_pool is None and prior is None and bool((stream_lens == num_queries).all()):
+    if (scores_pool is None and prior is None and lse_out is None
+            and bool((stream_lens == num_queries).all())):
         # A fresh prompt: plain causal attention, torch's fused kernel (which wants 4-D).
         out = F.scaled_dot_product_attention(
             query.float().transpose(0, 1)[None], keys[None], values[None], is_causal=True,
@@ -165,6 +179,11 @@ def _chunk_attention(query, pools, table, stream_lens, scale, scores_pool, prior
         if prior is not None:
             chunk += (prior_weight * prior[0][begin:stop].view(size, num_kv_heads, group, head_dim)
                       .permute(1, 2, 0, 3)).view(chunk.shape)
+        if lse_out is not None:
+            lse = torch.logsumexp(logits, dim=-1)
+            if prior is not None:
+                lse = torch.logaddexp(lse, prior_lse)
+            lse_out[begin:stop] = lse.permute(2, 0, 1).reshape(size, num_q_heads)
         out[begin:stop] = chunk.view(num_kv_heads, group, size, head_dim).permute(
             2, 0, 1, 3).reshape(size, num_q_heads, head_dim).to(query.dtype)
         if scores_pool is not None:

@@ -36,13 +36,14 @@ def _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block, k_s_slot
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_pool_ptr, v_pool_ptr, table_ptr, len_ptr, req_slot_ptr, qsl_ptr, out_ptr,
-        score_ptr, prior_out_ptr, prior_lse_ptr, scale, head_dim,
+        score_ptr, prior_out_ptr, prior_lse_ptr, lse_ptr, scale, head_dim,
         q_s_tok, q_s_head, out_s_tok, out_s_head, po_s_tok, po_s_head, pl_s_tok, pl_s_head,
+        lse_s_tok, lse_s_head,
         k_s_block, k_s_slot, k_s_dim, v_s_block, v_s_slot, v_s_dim,
         table_s_req, table_s_head, len_s_req, len_s_head, score_s_block, score_s_slot,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, EMIT: tl.constexpr,
-        HAS_PRIOR: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_PRIOR: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr):
     request, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     req_slot = tl.load(req_slot_ptr + request).to(tl.int64)
     q_start = tl.load(qsl_ptr + request).to(tl.int64)
@@ -101,6 +102,9 @@ def _paged_attention_kernel(
     tl.store(out_ptr + (q_start + q_idx)[:, None] * out_s_tok + q_head[:, None] * out_s_head
              + dims[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
+    if STORE_LSE:
+        lse = tl.where(row_sum > 0, row_max + tl.log(safe_sum), float("-inf"))
+        tl.store(lse_ptr + (q_start + q_idx) * lse_s_tok + q_head * lse_s_head, lse, mask=row_ok)
 
     if EMIT:
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
@@ -121,7 +125,8 @@ def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
                            lengths: torch.Tensor, request_slots: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float,
                            scores_pool: torch.Tensor | None, max_query_len: int | None,
-                           prior: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                           prior: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           lse_out: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as `paged_attention`."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_requests = request_slots.shape[0]
@@ -144,15 +149,17 @@ def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
     score_strides = scores_pool.stride() if emit else (0, 0)
     prior_out, prior_lse = prior if prior is not None else (output, output[..., 0])
     assert prior_out.stride(2) == 1, "prior rows must be contiguous"
+    lse = lse_out if lse_out is not None else output[..., 0]
     grid = (num_requests, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
         query, key_pool, value_pool, block_tables, lengths, request_slots, query_start_loc,
-        output, scores_pool if emit else output, prior_out, prior_lse, scale, head_dim,
+        output, scores_pool if emit else output, prior_out, prior_lse, lse, scale, head_dim,
         query.stride(0), query.stride(1), output.stride(0), output.stride(1),
         prior_out.stride(0), prior_out.stride(1), prior_lse.stride(0), prior_lse.stride(1),
+        lse.stride(0), lse.stride(1),
         *key_pool.stride(), *value_pool.stride(), block_tables.stride(0), block_tables.stride(1),
         lengths.stride(0), lengths.stride(1), *score_strides,
         GROUP=group, BLOCK_Q=block_q, ROWS=rows, BLOCK_SIZE=block_size,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), EMIT=emit,
-        HAS_PRIOR=prior is not None, PRECISION="ieee" if key_pool.dtype == torch.float32 else "tf32")
+        HAS_PRIOR=prior is not None, STORE_LSE=lse_out is not None, PRECISION="ieee" if key_pool.dtype == torch.float32 else "tf32")
     return output

@@ -22,14 +22,15 @@ def apply_selection(batch: StreamBatch, selection: Selection, max_len: int | Non
        to 0) and acc_score sum_i acc_i. Members pointing to a non-kept slot are dropped.
     2. Value-only merges (CaM): v_j += sum w * v_i over the entries targeting kept slot j,
        v_i taken before step 1.
-    3. Channel pruning (ThinK): pruned key channels zeroed on key_pruned_slots (default:
-       every kept slot).
+    3. Channel pruning (ThinK): on kept `narrow` slots, key channels whose key_scales are 0
+       are zeroed (the narrow-key tier reads them back so).
     4. Compaction: kept slots to the front in slot order; new lengths = kept counts;
        padding: zeros, position -1, acc 0.
     Arithmetic of steps 1-2 runs in float32 and is cast back to the batch's dtype; slots
     no step rewrites are copied bit for bit. Window fields, layer_densities and the layer
     metadata pass through unchanged. Demoted slots (`demoted`) leave the batch: the
-    low-bit tier that stores them is the caller's.
+    low-bit tier that stores them is the caller's. A narrow slot whose stream already has
+    its scales fixed is the caller's to exclude (Selection.narrow).
 
     max_len: padded length of the result (>= the largest kept count); None = the largest
     kept count, which costs one host sync.
@@ -41,9 +42,9 @@ def apply_selection(batch: StreamBatch, selection: Selection, max_len: int | Non
         keys, values, acc = _class_merges(batch, selection, keep, live)
     if selection.value_merge_into is not None:
         values = _value_merges(batch, selection, keep, live, values)
-    if selection.key_channel_mask is not None:
-        pruned = keep if selection.key_pruned_slots is None else keep & selection.key_pruned_slots
-        keys = keys.masked_fill(pruned[..., None] & ~selection.key_channel_mask[:, None, :], 0)
+    if selection.narrow is not None:
+        pruned = (keep & selection.narrow)[..., None] & (selection.key_scales == 0)[:, None, :]
+        keys = keys.masked_fill(pruned, 0)
     return _compact(batch, keep, keys, values, acc, max_len)
 
 

@@ -16,7 +16,7 @@ from vllm_kvcompress.policies.budgets import make_allocator
 from vllm_kvcompress.policies.options import (Option, check_count, choice, integer, layer_list,
                                               number, resolve_options)
 from vllm_kvcompress.policies.ranking import protected_mask, top_k_with_protection
-from vllm_kvcompress.policies.selection import LowBitTier, Selection
+from vllm_kvcompress.policies.selection import SecondTier, Selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch
 
 # Allocator names a policy may offer through its `allocators` (budgets.make_allocator).
@@ -50,8 +50,9 @@ class Policy:
     allocators: ClassVar[tuple[str, ...]] = ("uniform",)
     # The policy's own kv_policy_args (allocator options are added by option_specs).
     options_spec: ClassVar[dict[str, Option]] = {}
-    # The tier its demoted tokens go to (None: it evicts what it does not keep).
-    low_tier: LowBitTier | None = None
+    # Where it keeps tokens in rows smaller than a full token (selection.py), or None;
+    # read it through second_tier_for, which may depend on the budget.
+    second_tier: SecondTier | None = None
 
     def __init__(self, window: int | None = None, sinks: int | None = None, **options: Any):
         check_count(self.name, "window", window)
@@ -120,12 +121,23 @@ class Policy:
         budgets = self.allocate(batch, budget, scores, window, sinks)
         return self.select(batch, budgets, scores=scores, window=window, sinks=sinks)
 
+    def full_budget(self, budget: int) -> int:
+        """Average tokens per stream kept at full precision when compressing to `budget`
+        (less than the budget for policies that spend part of it on a second tier)."""
+        return budget
+
+    def second_tier_for(self, budget: int, head_size: int) -> SecondTier | None:
+        """The second tier a request compressed to `budget` keeps tokens in (selection.py),
+        for KV heads of head_size; None: it evicts what it does not keep."""
+        return self.second_tier
+
     def max_layer_budget(self, budget: int, num_layers: int) -> int:
-        """Upper bound, over layers, of a layer's mean kept slots per stream after
-        compressing to `budget` (what the scheduler's page accounting may rely on).
-        budgets.NO_LIMIT when some layer is left uncompressed (D2O's full layers)."""
+        """Upper bound, over layers, of a layer's mean slots kept at full precision per
+        stream after compressing to `budget` (what the scheduler's page accounting may
+        rely on). budgets.NO_LIMIT when some layer is left uncompressed (D2O's full layers)."""
         window, sinks = self.protection(budget)
-        return self.allocator.max_layer_budget(budget, window + sinks, num_layers)
+        return self.allocator.max_layer_budget(self.full_budget(budget), window + sinks,
+                                               num_layers)
 
     def _resolve_protection(self, budgets: torch.Tensor, window: Any, sinks: Any) -> tuple[Any, Any]:
         if window is None or sinks is None:

@@ -11,6 +11,7 @@ import torch
 from vllm_kvcompress.policies.selection import Selection
 from vllm_kvcompress.policies.stream_batch import slot_indices
 from vllm_kvcompress.policies.h2o import H2O
+from vllm_kvcompress.policies.merge_span import merge_span_option, within_merge_span
 from vllm_kvcompress.policies.registry import register_policy
 from vllm_kvcompress.policies.scoring import most_similar_kept
 
@@ -40,6 +41,7 @@ class D2O(H2O):
 
     default_sinks = 4
     allocators = ("d2o", "uniform")
+    options_spec = {**H2O.options_spec, "max_merge_span": merge_span_option()}
 
     def __init__(self, window=None, sinks=None, **options):
         super().__init__(window, sinks, **options)
@@ -52,7 +54,8 @@ class D2O(H2O):
         target, cosine = most_similar_kept(batch.keys, keep)
         similarity = torch.where(evicted, cosine, 0.0)
         tau = similarity.sum(dim=1, keepdim=True) / evicted.sum(dim=1, keepdim=True).clamp(min=1)
-        merge = evicted & (cosine >= tau) & (cosine > 0)
+        merge = (evicted & (cosine >= tau) & (cosine > 0)
+                 & within_merge_span(batch.positions, target, self.options["max_merge_span"]))
         slots = slot_indices(batch).expand_as(keep)
         merge_into = torch.where(keep, slots, torch.where(merge, target, -1))
         merged = torch.zeros_like(similarity).scatter_add(

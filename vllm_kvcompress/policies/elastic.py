@@ -12,6 +12,7 @@ from vllm_kvcompress.policies.base import Policy
 from vllm_kvcompress.policies.ranking import top_k_with_protection
 from vllm_kvcompress.policies.selection import Selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
+from vllm_kvcompress.policies.merge_span import merge_span_option, within_merge_span
 from vllm_kvcompress.policies.registry import register_policy
 
 
@@ -32,6 +33,7 @@ class ElasticCache(Policy):
     default_window = 24
     default_sinks = 4
     allocators = ("uniform", "pyramid")
+    options_spec = {"max_merge_span": merge_span_option()}
 
     def score(self, batch: StreamBatch) -> torch.Tensor:
         live = batch.live_mask().view(batch.num_requests, batch.num_kv_heads, -1)
@@ -53,6 +55,7 @@ class ElasticCache(Policy):
         gap_after = positions.gather(1, after.clamp(max=last)) - positions
         use_before = (before >= 0) & ((after > last) | (gap_before <= gap_after))
         anchor = torch.where(use_before, before, torch.where(after <= last, after, -1))
-        merge_into = torch.where(keep, slots, torch.where(live, anchor, -1))
+        near = within_merge_span(positions, anchor, self.options["max_merge_span"])
+        merge_into = torch.where(keep, slots, torch.where(live & near, anchor, -1))
         return Selection(keep=keep, merge_into=merge_into,
                          weights=torch.ones_like(scores, dtype=torch.float32))

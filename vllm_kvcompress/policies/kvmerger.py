@@ -14,6 +14,7 @@ from vllm_kvcompress.policies.options import layer_list, number
 from vllm_kvcompress.policies.ranking import protected_mask, select_ranked, top_k_with_protection
 from vllm_kvcompress.policies.selection import Selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
+from vllm_kvcompress.policies.merge_span import merge_span_option, within_merge_span
 from vllm_kvcompress.policies.registry import register_policy
 
 
@@ -42,6 +43,7 @@ class KVMerger(Policy):
         "merge_threshold": number(0.8, -1.0, 1.0),
         "sigma": number(None, 0.0, low_open=True, optional=True),
         "unmerged_layers": layer_list((0, 1, -1)),
+        "max_merge_span": merge_span_option(),
     }
 
     def score(self, batch: StreamBatch) -> torch.Tensor:
@@ -83,7 +85,8 @@ class KVMerger(Policy):
         classes = torch.where(protected, 3, torch.where(is_pivot, 2, live.long()))
         keep = select_ranked(rank_score, classes, budgets)
 
-        merge = live & ~keep & keep.gather(1, pivot)
+        merge = (live & ~keep & keep.gather(1, pivot)
+                 & within_merge_span(batch.positions, pivot, self.options["max_merge_span"]))
         merge_into = torch.where(keep, slots, torch.where(merge, pivot, -1))
         return Selection(keep=keep, merge_into=merge_into,
                          weights=self._weights(batch, run, pivot, merge))

@@ -1,7 +1,9 @@
-"""What a policy returns for one layer's streams: which slots survive, and how."""
+"""What a policy returns for one layer's streams: which slots survive, and how; and the
+second tier a policy may keep tokens in (rows smaller than a full token)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,13 @@ class LowBitTier:
     value_bits: int
     cap: int | None = None
 
+    def row_bytes(self, head_size: int) -> int:
+        """Bytes a token takes in this tier (kernels/low_bit.py's packed row): its codes,
+        padded to 4 bytes, then a step and a minimum per key and value (float16), its
+        position and its rank (4 bytes each)."""
+        codes = (self.key_bits + self.value_bits) * head_size // 8
+        return -(-codes // 4) * 4 + 16
+
     def survivors(self, ranks: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """[N, A] bool: the candidates [N, A] the tier keeps: all, or the `cap` of highest
         rank [N, A] (ties: the earlier column)."""
@@ -31,14 +40,30 @@ class LowBitTier:
         return select_ranked(ranks, candidates.long(), self.cap)
 
 
+@dataclass(frozen=True)
+class NarrowKeyTier:
+    """A stream's second tier for kept tokens whose keys lost their pruned channels: the
+    key on the stream's kept channels and the full value, in the model's dtype. Which
+    channels are kept is fixed by the stream's first compaction that narrows a token
+    (Selection.key_scales); floor(pruning_ratio * D) of the D are pruned."""
+
+    pruning_ratio: float
+
+    def kept_channels(self, head_size: int) -> int:
+        return head_size - math.floor(self.pruning_ratio * head_size)
+
+
+SecondTier = LowBitTier | NarrowKeyTier
+
+
 @dataclass
 class Selection:
     """What survives compression, per stream.  Shapes follow the StreamBatch: [N, T].
 
     Application order (apply.apply_selection is the executable definition):
-    1. class merges (merge_into/weights), 2. value-only merges, 3. key-channel pruning,
-    4. compaction of the kept slots in original order. Demoted slots leave the batch for
-    the stream's low-bit tier, quantized from their own key and value.
+    1. class merges (merge_into/weights), 2. value-only merges, 3. key-channel pruning of
+    narrowed slots, 4. compaction of the kept slots in original order. Demoted slots leave
+    the batch for the stream's low-bit tier, quantized from their own key and value.
 
     keep:        bool, the slots kept at full precision (as centres when merging). The kept
                  count of a stream never exceeds its budget.
@@ -62,21 +87,22 @@ class Selection:
                  merge; entries naming a slot that is not kept are ignored. Keys and
                  acc_scores are unchanged.
     value_merge_weights: float32 [N, T, M] | None, paired with value_merge_into.
-    key_channel_mask: bool [N, D] | None. ThinK: key channels kept (False = pruned). The
-                 pruned channels of the slots in key_pruned_slots are zeroed in the stored
-                 key (so q.k ignores them without masking q).
-    key_pruned_slots: bool [N, T] | None. The kept slots whose key is channel-pruned (ThinK
-                 keeps the most recent tokens at full width); None = every kept slot.
+    second_tier: LowBitTier | NarrowKeyTier | None: the tier `demote` or `narrow` fills.
     demote:      bool [N, T] | None. Live slots that are neither kept nor merged away and
-                 move to the stream's low-bit tier (`low_tier`), quantized once there.
+                 move to the stream's low-bit tier, quantized once there.
     demote_scores: float32 [N, T] | None. The rank each demoted slot keeps in the low-bit
                  tier (its tokens of lowest rank go first past the tier's cap).
-    low_tier:    LowBitTier | None, the tier `demote` fills.
-    key_balance: float32 [N, D] | None. Outlier balancing of the low-bit keys, b_c > 0 per
-                 stream and key channel: the tier stores k_c * b_c and reads it back
-                 divided by b_c (q.k unchanged). None = 1. A stream's factors are fixed
-                 by the first compaction that gives its tier any (later ones are ignored),
-                 so every row of a tier is read back with the factors it was stored with.
+    narrow:      bool [N, T] | None. Kept slots stored in the narrow-key tier from now on:
+                 their key's channels with key_scales 0 are pruned (read back as 0, so q.k
+                 ignores them). Only the first compaction that narrows a stream's slots
+                 does (it fixes the stream's scales); later ones keep its narrow slots
+                 narrow and narrow no more.
+    key_scales:  float32 [N, D] | None (None = 1). How the second tier stores each key
+                 channel: k_c * s_c, read back divided by s_c; s_c = 0 prunes channel c
+                 (narrow rows keep only the others). MiKV: outlier balancing s_c =
+                 sqrt(max|q_c| / max|k_c|) (q.k unchanged); ThinK: 1 kept, 0 pruned. A
+                 stream's scales are fixed by the first compaction that gives its tier
+                 any, so every row is read back with the scales it was stored with.
     """
 
     keep: torch.Tensor
@@ -85,12 +111,11 @@ class Selection:
     normalize_merges: bool = True
     value_merge_into: torch.Tensor | None = None
     value_merge_weights: torch.Tensor | None = None
-    key_channel_mask: torch.Tensor | None = None
-    key_pruned_slots: torch.Tensor | None = None
+    second_tier: LowBitTier | NarrowKeyTier | None = None
     demote: torch.Tensor | None = None
     demote_scores: torch.Tensor | None = None
-    low_tier: LowBitTier | None = None
-    key_balance: torch.Tensor | None = None
+    narrow: torch.Tensor | None = None
+    key_scales: torch.Tensor | None = None
 
     def kept_counts(self) -> torch.Tensor:
         """[N] int64, slots kept per stream."""

@@ -11,23 +11,25 @@ import torch
 
 from vllm_kvcompress.policies.base import TOKEN_POLICIES, ComposedPolicy
 from vllm_kvcompress.policies.options import choice, integer, number
-from vllm_kvcompress.policies.selection import Selection
+from vllm_kvcompress.policies.selection import NarrowKeyTier, Selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch, slot_indices
 from vllm_kvcompress.policies.registry import register_policy
 
 
 @register_policy("think")
 class ThinK(ComposedPolicy):
-    """After the base policy's token selection, per stream and key channel c:
-    score_c = mean over the last `recent` window queries (and the G heads) of q_c^2, times
-    mean over the kept keys of k_c^2; the floor(pruning_ratio * D) lowest channels are
-    pruned (zeroed, Selection.key_channel_mask) in every kept key except the last `recent`
-    slots, which keep their full key. Values are untouched. Streams the base leaves
-    uncompressed are not pruned either.
-
-    Memory: the paged cache stores full-width keys, so pruned channels are zeros (exact
-    attention, no memory saved) until a narrow key layout exists. At each compression the
-    mask is recomputed from the current queries; a slot pruned earlier keeps its zeros.
+    """The base policy chooses the tokens; ThinK prunes key channels. Per stream and key
+    channel c: score_c = mean over the last `recent` window queries (and the G heads) of
+    q_c^2, times mean over the kept keys of k_c^2; the floor(pruning_ratio * D) lowest
+    are pruned (Selection.key_scales: 0 pruned, 1 kept). At a stream's first compression
+    its kept tokens except the last `recent` slots are narrowed (Selection.narrow): stored
+    in the narrow-key tier with the kept channels only, the pruned ones read back as 0.
+    The channel choice is fixed then, one per stream (the cache ignores later ones), so
+    the prompt's keys are pruned once and the keys of later tokens stay whole; the base
+    keeps choosing among all of a stream's tokens, narrow or not. Values are untouched.
+    Every stream is narrowed at the request's first compression, those within their
+    budget too (they keep all their tokens), so that the tokens a stream holds whole are
+    never more than `recent` plus those that came since (the scheduler's bound).
 
     Signals: window queries (>= recent) plus the base's. Defaults: base snapkv,
     pruning_ratio 0.4, recent 32 (paper; the authors' function defaults are 0.3 and 128).
@@ -42,6 +44,7 @@ class ThinK(ComposedPolicy):
     def __init__(self, window=None, sinks=None, **options):
         super().__init__(window, sinks, **options)
         self.needs_window_queries = True
+        self.second_tier = NarrowKeyTier(self.options["pruning_ratio"])
 
     @property
     def query_window(self) -> int:
@@ -63,11 +66,8 @@ class ThinK(ComposedPolicy):
             / keep.sum(dim=1, keepdim=True).clamp(min=1)
         pruned = math.floor(self.options["pruning_ratio"] * batch.keys.shape[-1])
         order = (query_energy * key_energy).argsort(dim=1, stable=True)
-        channel_mask = torch.ones_like(key_energy, dtype=torch.bool).scatter(
-            1, order[:, :pruned], False)
-        compressed = (selection.kept_counts() < batch.lengths)[:, None]
-        channel_mask = channel_mask | ~compressed
+        selection.key_scales = torch.ones_like(key_energy).scatter(1, order[:, :pruned], 0.0)
         old = slot_indices(batch) < (batch.lengths - recent)[:, None]
-        selection.key_channel_mask = channel_mask
-        selection.key_pruned_slots = keep & old & compressed
+        selection.narrow = keep & old
+        selection.second_tier = self.second_tier
         return selection

@@ -31,8 +31,9 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 import torch
 
 from vllm_kvcompress.cache.schedule import CompressionSchedule
+from vllm_kvcompress.cache.second_tier import row_format
 from vllm_kvcompress.config import KVCompressConfig
-from vllm_kvcompress.kernels.low_bit import LowBitFormat
+from vllm_kvcompress.policies.selection import LowBitTier
 from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
 from vllm_kvcompress.vllm_plugin.request_settings import policy_for
 
@@ -80,7 +81,7 @@ class CompressedAttentionManager(FullAttentionManager):
         released = release_leading_pages(blocks, schedule.shared_pages(compressed_at),
                                          self._null_block, self.block_pool)
         keep = schedule.pages_to_keep(processed_computed_tokens, num_prompt_tokens or 0,
-                                      compressed=True)
+                                      compressed_at)
         released += release_trailing_pages(blocks, keep, self._null_block, self.block_pool)
         if released:
             self.pages_released += released
@@ -124,7 +125,7 @@ class CompressedAttentionManager(FullAttentionManager):
                         num_computed: int, num_tokens: int) -> int:
         prompt_len = self._step.get(request_id, (0, 0))[1]
         return schedule.pages_for_step(num_computed, num_tokens - num_computed, prompt_len,
-                                       compressed=request_id in self._compressed_at)
+                                       self._compressed_at.get(request_id, 0))
 
     def cache_blocks(self, request, num_tokens, retention_interval=None, *,
                      replay_boundaries) -> None:
@@ -202,17 +203,21 @@ def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
     if not settings.enabled:
         return None
     policy = policy_for(settings)
-    tier = policy.low_tier
-    low_slots = 0
+    tier = policy.second_tier_for(settings.budget, head_size)
+    tier_fields = {}
     if tier is not None:
+        low_bit = isinstance(tier, LowBitTier)
         cell_bytes = 2 * block_size * head_size * dtype.itemsize
-        low_slots = LowBitFormat(head_size, tier.key_bits,
-                                 tier.value_bits).slots_per_block(cell_bytes)
+        tier_fields = dict(
+            second_tier="low_bit" if low_bit else "narrow_key",
+            tier_slots_per_block=row_format(tier, head_size, dtype).slots_per_block(cell_bytes),
+            low_cap=tier.cap if low_bit else None,
+            narrow_recent=0 if low_bit else policy.options["recent"])
     return CompressionSchedule(
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,
         layer_budget=policy.max_layer_budget(settings.budget, num_layers),
         shared_prefix=prefix_caching and not policy.needs_accumulated,
         reread_tokens=policy.query_window if policy.needs_window_queries else 0,
-        low_slots_per_block=low_slots, low_cap=None if tier is None else tier.cap,
+        **tier_fields,
     )

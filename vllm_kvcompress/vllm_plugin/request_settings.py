@@ -1,7 +1,8 @@
 """Per-request compression settings: the server's, overridden by a request's extra args.
 
 A request may set `kv_policy`, `budget`, `kv_window` and `kv_policy_args` through the
-OpenAI body's `vllm_xargs` (or `SamplingParams(extra_args=...)` offline). The same
+OpenAI body's `vllm_xargs` (or `SamplingParams(extra_args=...)` offline; vLLM's HTTP API
+takes no nested objects there, so `kv_policy_args` may come as a JSON string). The same
 function validates them in the API server (a bad value is an HTTP 400) and resolves them
 in the engine core and the workers, so every process sees the same settings for a request.
 """
@@ -47,7 +48,15 @@ def server_settings(vllm_config) -> KVCompressConfig:
 
 
 def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (extra_args or {}).items() if k in REQUEST_KEYS}
+    overrides = {k: v for k, v in (extra_args or {}).items() if k in REQUEST_KEYS}
+    options = overrides.get("kv_policy_args")
+    if isinstance(options, str):
+        try:
+            overrides["kv_policy_args"] = json.loads(options)
+        except json.JSONDecodeError:
+            raise KVCompressConfigError(f"kv_policy_args={options!r}: must be a JSON object "
+                                        "of the policy's options") from None
+    return overrides
 
 
 def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any] | None,

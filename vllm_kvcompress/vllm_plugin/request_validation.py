@@ -13,7 +13,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_kvcompress.config import KVCompressConfigError
 from vllm_kvcompress.vllm_plugin.request_settings import (
-    request_overrides,
+    REQUEST_KEYS,
     resolve_request_settings,
     server_settings,
 )
@@ -21,15 +21,15 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
 
 def validate_request(vllm_config, params: SamplingParams) -> None:
     """Raise VLLMValidationError if the request's compression overrides are invalid."""
-    overrides = request_overrides(params.extra_args)
-    if not overrides:
+    given = {k: v for k, v in (params.extra_args or {}).items() if k in REQUEST_KEYS}
+    if not given:
         return
     try:
         resolve_request_settings(server_settings(vllm_config), params.extra_args,
                                  vllm_config.model_config.max_model_len)
     except KVCompressConfigError as exc:
         raise VLLMValidationError(f"invalid KV compression setting in vllm_xargs: {exc}",
-                                  parameter="vllm_xargs", value=overrides) from None
+                                  parameter="vllm_xargs", value=given) from None
 
 
 def install() -> None:

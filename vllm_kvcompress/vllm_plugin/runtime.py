@@ -28,7 +28,7 @@ from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.kernels.dispatch import requested_impl
 from vllm_kvcompress.policies import Policy, StreamBatch
 from vllm_kvcompress.policies.budgets import attention_density
-from vllm_kvcompress.policies.selection import LowBitTier
+from vllm_kvcompress.policies.selection import SecondTier
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
     NativeStep,
@@ -58,6 +58,7 @@ class RequestStreams:
     prompt_len: int
     # Entries of vLLM's block list for this request already handed to the cache.
     block_entries_seen: int = 0
+    first_compressed_at: int = 0
     last_compressed_at: int = 0
     num_tokens: int = 0
     # Whether the runtime's layer_densities row of this request holds its densities.
@@ -75,10 +76,10 @@ class CompressionGroup:
 
 class TorchRoute(NamedTuple):
     """How a request attends on the torch path: emitting each slot's probability into the
-    accumulated scores, and over its low-bit tier (None: it has none)."""
+    accumulated scores, and over its second tier (None: it has none yet)."""
 
     emit_scores: bool
-    low_tier: LowBitTier | None
+    second_tier: SecondTier | None
 
 
 @dataclass
@@ -187,9 +188,9 @@ class CompressionRuntime:
         """Mirror the scheduler's page bookkeeping for one request (kv_cache_spec.py):
         release the pages past the schedule's bound, then take the newly appended ones.
         A request starting on prefix-cache hits reads their pages as its first tokens."""
-        if streams.last_compressed_at:
+        if streams.first_compressed_at:
             keep = streams.schedule.pages_to_keep(num_computed, streams.prompt_len,
-                                                  compressed=True)
+                                                  streams.first_compressed_at)
             self.cache.release_pages(streams.slot, keep)
         new_pages = block_ids[streams.block_entries_seen:]
         if new_pages:
@@ -235,9 +236,10 @@ class CompressionRuntime:
                 streams.densities_recorded = True
                 density_slots.append(streams.slot)
             if due:
-                if not streams.last_compressed_at:  # the first compression copies out
+                if not streams.first_compressed_at:  # the first compression copies out
                     shared_pages_to_drop.append(
                         (streams.slot, streams.schedule.shared_pages(streams.num_tokens)))
+                    streams.first_compressed_at = streams.num_tokens
                 streams.last_compressed_at = streams.num_tokens
                 budget = streams.settings.budget
                 group = groups.setdefault((id(streams.policy), budget),
@@ -269,11 +271,13 @@ class CompressionRuntime:
 
     def _route(self, streams: RequestStreams) -> TorchRoute | None:
         """The torch path for a request whose policy reads each slot's attention
-        probability, or which has rows in a low-bit tier (compressed in an earlier step),
-        and wherever vLLM's kernel does not run; else None."""
+        probability, or which may have rows in a second tier (compressed in an earlier
+        step), and wherever vLLM's kernel does not run; else None."""
         policy = streams.policy
         emit = policy is not None and policy.needs_accumulated
-        tier = policy.low_tier if policy is not None and streams.last_compressed_at else None
+        tier = None
+        if policy is not None and streams.first_compressed_at:
+            tier = policy.second_tier_for(streams.settings.budget, self.head_size)
         if emit or tier is not None or self.native is None:
             return TorchRoute(emit, tier)
         return None
@@ -324,7 +328,7 @@ class CompressionRuntime:
                 output[rows] = self.cache.attention(
                     layer, query[rows], part.query_start_loc, part.slots, scale,
                     emit_scores=part.route.emit_scores, max_query_len=part.max_query_len,
-                    low_tier=part.route.low_tier)
+                    second_tier=part.route.second_tier)
         if plan.density_slots is not None:
             self._record_densities(layer, plan.density_slots)
         if not plan.groups:

@@ -1,5 +1,6 @@
-"""The packed low-bit row format, attention over low-bit tiers, and joining it to the full
-tier's softmax (paged_attention's prior): reference vs plain math, Triton vs reference."""
+"""Second-tier rows (packed low-bit, narrow-key), attention over them, and joining it to
+the full tier's softmax (paged_attention's prior and lse_out; scores emitted into narrow
+rows): reference vs plain math, Triton vs reference."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from attention_oracle import naive_paged_attention
 from random_streams import DEVICE, random_paged_streams
 from vllm_kvcompress.kernels import paged_attention
 from vllm_kvcompress.kernels.low_bit import LowBitFormat, pack_planes, unpack_planes
-from vllm_kvcompress.kernels.low_bit_attention import low_bit_attention
+from vllm_kvcompress.kernels.narrow_key import NarrowKeyFormat
+from vllm_kvcompress.kernels.tier_attention import add_tier_scores, tier_attention
 
 
 # ---------------------------------------------------------------------------- the format
@@ -67,6 +69,23 @@ def test_row_sizes_and_head_blocks():
     assert cells[1, 5 * 64:6 * 64].eq(7).all() and cells.sum() == 7 * 64
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_narrow_rows_keep_the_kept_channels_exactly(dtype):
+    fmt = NarrowKeyFormat(64, 39, dtype)                  # ThinK at 0.4: 25 channels pruned
+    assert fmt.row_bytes == (208 if dtype == torch.bfloat16 else 412) + 8
+    assert fmt.slots_per_block(2 * 32 * 64 * dtype.itemsize) == (37 if dtype == torch.bfloat16 else 39)
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 10, 64, generator=gen).to(dtype)
+    scales = torch.ones(10, 64)
+    scales[:, torch.randperm(64, generator=gen)[:25]] = 0.0
+    rows = fmt.encode(keys, values, torch.arange(10), torch.full((10,), 0.5), scales)
+    read_keys, read_values = fmt.decode(rows, scales)
+    assert torch.equal(read_keys, torch.where(scales > 0, keys.float(), 0.0))
+    assert torch.equal(read_values, values.float())
+    assert torch.equal(fmt.positions(rows), torch.arange(10, dtype=torch.int32))
+    assert torch.equal(fmt.scores(rows), torch.full((10,), 0.5))
+
+
 def test_bad_formats_are_refused():
     with pytest.raises(ValueError, match="key_bits=0"):
         LowBitFormat(64, 0, 3)
@@ -74,6 +93,8 @@ def test_bad_formats_are_refused():
         LowBitFormat(64, 3, 9)
     with pytest.raises(ValueError, match="multiple of 8"):
         LowBitFormat(12, 3, 3)
+    with pytest.raises(ValueError, match="kept_channels=0"):
+        NarrowKeyFormat(64, 0, torch.float32)
 
 
 # ---------------------------------------------------------------------------- attention
@@ -95,6 +116,10 @@ def random_low_tiers(seed, slots, lengths, num_slots, num_kv_heads, head_dim, fm
                            generator=gen, dtype=torch.int32)
     table_lengths = torch.randint(0, 3, (num_slots, num_kv_heads), generator=gen, dtype=torch.int32)
     balance = 0.5 + torch.rand(num_slots, num_kv_heads, head_dim, generator=gen)
+    if isinstance(fmt, NarrowKeyFormat):   # each stream keeps kept_channels of its channels
+        pruned = torch.rand(num_slots, num_kv_heads, head_dim, generator=gen).argsort(dim=-1)
+        balance = torch.ones(num_slots, num_kv_heads, head_dim).scatter(
+            -1, pruned[..., :head_dim - fmt.kept_channels], 0.0)
     dense_keys, dense_values = [], []
     for r, slot in enumerate(slots):
         keys_row, values_row = [], []
@@ -126,7 +151,7 @@ def tiered_batches(draw):
     full = [[q + draw(st.integers(0, 20)) for _ in range(num_kv_heads)] for q in query_lens]
     return dict(query_lens=query_lens, low=low, full=full, num_kv_heads=num_kv_heads,
                 group=draw(st.sampled_from([1, 3])), seed=draw(st.integers(0, 2**16)),
-                bits=draw(st.sampled_from([(3, 3), (2, 4), (8, 1)])))
+                bits=draw(st.sampled_from([(3, 3), (2, 4), (8, 1), "narrow"])))
 
 
 def tiered_streams(batch, device="cpu", block_size=4):
@@ -134,7 +159,8 @@ def tiered_streams(batch, device="cpu", block_size=4):
     streams = random_paged_streams(batch["seed"], batch["query_lens"], batch["full"],
                                    batch["num_kv_heads"], batch["group"], head_dim, block_size,
                                    device=device)
-    fmt = LowBitFormat(head_dim, *batch["bits"])
+    fmt = (NarrowKeyFormat(head_dim, 10, torch.float32) if batch["bits"] == "narrow"
+           else LowBitFormat(head_dim, *batch["bits"]))
     low = random_low_tiers(batch["seed"] + 1, streams.request_slots.tolist(), batch["low"],
                            streams.block_tables.shape[0], batch["num_kv_heads"], head_dim, fmt,
                            device)
@@ -166,7 +192,7 @@ def naive_low_attention(streams, low, scale):
 def test_low_bit_attention_reference_equals_plain_math(batch):
     streams, fmt, low = tiered_streams(batch)
     pool, tables, lengths, balance, *_ = low
-    out, lse = low_bit_attention(streams.query, pool, fmt, tables, lengths, balance,
+    out, lse = tier_attention(streams.query, pool, fmt, tables, lengths, balance,
                                  streams.request_slots, streams.query_start_loc, 0.25, impl="torch")
     want_out, want_lse = naive_low_attention(streams, low, 0.25)
     torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
@@ -181,7 +207,7 @@ def test_attention_with_a_prior_is_one_softmax_over_both_tiers(batch):
     streams, fmt, low = tiered_streams(batch)
     pool, tables, lengths, balance, low_keys, low_values = low
     scale = 0.25
-    prior = low_bit_attention(streams.query, pool, fmt, tables, lengths, balance,
+    prior = tier_attention(streams.query, pool, fmt, tables, lengths, balance,
                               streams.request_slots, streams.query_start_loc, scale, impl="torch")
     before = streams.scores_pool.clone()
     out = paged_attention(streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
@@ -197,6 +223,17 @@ def test_attention_with_a_prior_is_one_softmax_over_both_tiers(batch):
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     # Emitted mass shrinks by the full tier's share of each query's softmax.
     assert (streams.scores_pool - before).sum() <= sum(m.sum() for row in full_mass for m in row) + 1e-4
+    # The joint log-sum-exp, and the second tier's own share of each softmax.
+    lse = torch.empty(streams.query.shape[:2])
+    paged_attention(streams.query, streams.key_pool, streams.value_pool, streams.block_tables,
+                    streams.lengths, streams.request_slots, streams.query_start_loc, scale,
+                    impl="torch", prior=prior, lse_out=lse)
+    torch.testing.assert_close(lse.double(), total, atol=1e-5, rtol=1e-5)
+    pool[..., fmt.position_offset + 4:] = 0                    # every row's score: 0.0
+    add_tier_scores(streams.query, pool, fmt, tables, lengths, balance, streams.request_slots,
+                    streams.query_start_loc, scale, lse)
+    low_share = torch.exp(low_lse - total).nan_to_num(0.0).sum()
+    torch.testing.assert_close(fmt.scores(pool).sum().double(), low_share, atol=1e-4, rtol=1e-4)
 
 
 def naive_full_lse(streams, scale):
@@ -223,8 +260,8 @@ def test_triton_low_bit_attention_and_prior_equal_the_reference(seed):
     pool, tables, lengths, balance, *_ = low
     args = (streams.query, pool, fmt, tables, lengths, balance, streams.request_slots,
             streams.query_start_loc, 0.25)
-    ref_out, ref_lse = low_bit_attention(*args, impl="torch")
-    tri_out, tri_lse = low_bit_attention(*args, impl="triton")
+    ref_out, ref_lse = tier_attention(*args, impl="torch")
+    tri_out, tri_lse = tier_attention(*args, impl="triton")
     torch.testing.assert_close(tri_out, ref_out, atol=1e-5, rtol=1e-5)
     assert torch.equal(tri_lse == -torch.inf, ref_lse == -torch.inf)
     torch.testing.assert_close(tri_lse.nan_to_num(neginf=0.0), ref_lse.nan_to_num(neginf=0.0),
@@ -239,3 +276,10 @@ def test_triton_low_bit_attention_and_prior_equal_the_reference(seed):
         scores.append(pool_scores)
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores[1], scores[0], atol=1e-5, rtol=1e-5)
+    lses = [torch.empty(streams.query.shape[:2], device=DEVICE) for _ in "ab"]
+    for impl, lse in zip(("torch", "triton"), lses):
+        paged_attention(streams.query, streams.key_pool, streams.value_pool,
+                        streams.block_tables, streams.lengths, streams.request_slots,
+                        streams.query_start_loc, 0.25, impl=impl, prior=(ref_out, ref_lse),
+                        lse_out=lse)
+    torch.testing.assert_close(lses[1], lses[0], atol=1e-5, rtol=1e-5)
