@@ -95,6 +95,23 @@ def test_a_low_tier_that_outgrows_the_pages_is_refused_before_writing():
     assert all(torch.equal(a, b) for a, b in zip(before, cache.cells))
 
 
+def test_pages_leaving_a_request_with_rows_are_zeroed():
+    """Row bytes read as floats can be NaN, and vLLM's CPU kernel multiplies a padding
+    slot's zero weight by its value: the next owner of such a page would attend to NaN."""
+    cache, pool = filled_cache([40, 12], spare_pages=2)
+    for layer in range(LAYERS):
+        view = cache.gather(layer, [0])
+        keep = view.positions >= 36
+        cache.compact(layer, [0], Selection(keep=keep, demote=~keep, second_tier=LowBitTier(4, 2)))
+    owned = cache.tables.request_pages[0, :cache._page_counts[0]].long()
+    blocks = (owned[:, None] * HEADS + torch.arange(HEADS)).flatten()
+    assert all(cells[blocks].any() for cells in cache.cells)
+    pool.free(cache.release_pages(0, int(cache.pages_in_use([0]))))
+    pool.free(cache.reset([0]))
+    assert not any(cells[blocks].any() for cells in cache.cells)
+    cache.check_invariants(pool.free_pages())
+
+
 def test_live_blocks_are_packed_into_the_first_pages_and_the_rest_released():
     cache, pool = filled_cache([40])                     # 10 blocks per head: 10 pages
     assert cache.pages_in_use([0]).tolist() == [10]

@@ -8,6 +8,8 @@
 2. A stream's live slots are its first `length` slots, in original token order (strictly
    increasing positions); so are its second tier's rows, and no position is in both tiers.
 4. A request's head-blocks of both tiers fit in its pages (used <= pages * H in every layer).
+5. Free pages hold finite keys and values: second-tier rows, which read as floats may be
+   NaN, are zeroed before their pages leave the request.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
     counts = tables.page_counts.cpu().tolist()
     shared = {p for slot, row in enumerate(pages) for p in row[:cache.shared_pages[slot]]}
     _check_pages(pages, counts, cache.shared_pages, cache.num_pages, free_pages)
+    if free_pages is not None:
+        _check_free_memory(cache, free_pages)
     for layer in range(cache.num_layers):
         positions = cache.layers[layer].positions.cpu()
         block_tables = tables.block_tables[layer].cpu().tolist()
@@ -82,6 +86,15 @@ def _check_pages(pages, counts, shared_counts, num_pages: int,
         assert len(free) == len(set(free)), "a page is free twice"
         assert not set(free) & set(owned), "a page is both free and owned"
         assert set(free) | set(owned) == set(range(num_pages)), "free + owned != all pages"
+
+
+def _check_free_memory(cache: PagedStreamCache, free_pages: torch.Tensor) -> None:
+    blocks = (free_pages.long().to(cache.device)[:, None] * cache.num_kv_heads
+              + torch.arange(cache.num_kv_heads, device=cache.device)).flatten()
+    for layer, pools in enumerate(cache.layers):
+        for name in ("keys", "values"):
+            assert bool(getattr(pools, name)[blocks].isfinite().all()), \
+                f"layer {layer}: a free page holds non-finite {name} (unscrubbed rows?)"
 
 
 def _ordered_positions(positions: torch.Tensor, blocks: list[int], length: int,

@@ -109,6 +109,8 @@ class PagedStreamCache:
             raise RuntimeError(f"request slot {slot}: {used} head-blocks in use need "
                                f"{-(-used // self.num_kv_heads)} pages, cannot keep {keep_pages}")
         released = self.tables.request_pages[slot, keep_pages:count].clone()
+        if self.slot_tiers[slot] is not None:
+            self._scrub(released)
         self._set_page_count(slot, keep_pages)
         return released
 
@@ -166,6 +168,9 @@ class PagedStreamCache:
         owned = torch.arange(self.tables.request_pages.shape[1]) < counts[:, None]
         device_slots = self._slots(slot_list)
         pages = self.tables.request_pages[device_slots][owned.to(self.device)]
+        for slot in slot_list:
+            if self.slot_tiers[slot] is not None:   # it shares no page once it has a tier
+                self._scrub(self.tables.request_pages[slot, :self._page_counts[slot]])
         self.tables.lengths[:, device_slots] = 0
         self.tables.used_blocks[:, device_slots] = 0
         self.tables.page_counts[device_slots] = 0
@@ -336,6 +341,15 @@ class PagedStreamCache:
         host = torch.as_tensor(num_new, dtype=torch.int64).cpu()
         total, most = (int(host.sum()), int(host.max())) if len(host) else (0, 0)
         return host.to(self.device), total, most
+
+    def _scrub(self, pages: torch.Tensor) -> None:
+        """Zero the KV memory of pages [P] leaving a request that kept second-tier rows:
+        rows read as keys and values may be NaN or inf, and a kernel that weighs a padding
+        slot by 0 (vLLM's CPU kernel does) would turn the next owner's attention into NaN."""
+        blocks = (pages.long()[:, None] * self.num_kv_heads
+                  + torch.arange(self.num_kv_heads, device=self.device)).flatten()
+        for cells in self.cells:
+            cells[blocks] = 0
 
     def _set_page_count(self, slot: int, count: int) -> None:
         self._page_counts[slot] = count
