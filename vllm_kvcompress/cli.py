@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
 from vllm_kvcompress.eval.command import add_eval_parser
+from vllm_kvcompress.policies.registry import KNOWN_POLICIES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,25 @@ def main(argv: list[str] | None = None) -> int:
 
     add_eval_parser(commands)
 
+    batch = commands.add_parser(
+        "ray-batch", help="answer a JSONL of prompts on Ray Data actors (vllm_kvcompress.LLM)",
+        description="Each line of INPUT is an object with a \"prompt\" (and optionally "
+                    "\"max_tokens\"); OUTPUT gets the same objects with \"text\" added, in "
+                    "order. Ray: local, or the cluster RAY_ADDRESS or --address names.")
+    batch.add_argument("input", help="JSONL of prompts")
+    batch.add_argument("output", help="JSONL of answers (written)")
+    batch.add_argument("--model", required=True, help="a model folder or name vLLM can load")
+    batch.add_argument("--kv-policy", default="ems", choices=KNOWN_POLICIES)
+    batch.add_argument("--budget", type=int, default=256)
+    batch.add_argument("--max-tokens", type=int, default=64)
+    batch.add_argument("--max-model-len", type=int, default=4096)
+    batch.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                       help="default: the fast one on this machine")
+    batch.add_argument("--actors", type=int, default=1, help="engines (one per Ray actor)")
+    batch.add_argument("--batch-size", type=int, default=32, help="rows per generate call")
+    batch.add_argument("--address", default=None,
+                       help="a Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "demo":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -46,6 +67,25 @@ def main(argv: list[str] | None = None) -> int:
 
         path = install_console_script()
         print(f"`vllm` runs through {path}" if path else "the installed `vllm` command needs no fix")
+    elif args.command == "ray-batch":
+        from vllm_kvcompress.config import KVCompressConfigError, resolve_settings
+        from vllm_kvcompress.cpu_features import default_dtype
+        from vllm_kvcompress.ray_batch import run_batch
+
+        # Checked here: inside the Ray actors a bad value would end in a remote traceback.
+        try:
+            resolve_settings(None, {"kv_policy": args.kv_policy, "budget": args.budget})
+        except KVCompressConfigError as exc:
+            parser.error(str(exc))
+        if not os.path.isfile(args.input):
+            parser.error(f"no such file: {args.input}")
+
+        llm_kwargs = dict(kv_policy=args.kv_policy, budget=args.budget, enforce_eager=True,
+                          max_model_len=args.max_model_len, dtype=args.dtype or default_dtype())
+        sampling = dict(max_tokens=args.max_tokens, temperature=0.0)
+        written = run_batch(args.input, args.output, args.model, llm_kwargs, sampling,
+                            actors=args.actors, batch_size=args.batch_size, address=args.address)
+        print(f"{written} answers written to {args.output}", file=sys.stderr)
     elif args.command == "eval":
         from vllm_kvcompress.eval.command import run_eval
 

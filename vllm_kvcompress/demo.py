@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
+from vllm_kvcompress.cpu_features import default_dtype
 from vllm_kvcompress.serve_process import CPU_DEFAULT_ARGS, VllmServer
 
 DEFAULT_POLICY_ARGS = ["--kv-policy", "ems", "--budget", "256"]
@@ -25,6 +26,8 @@ def run_demo(model: str = DEFAULT_MODEL, serve_args: list[str] | None = None) ->
     policy_args = list(serve_args or [])
     if not any(arg.startswith("--kv-policy") for arg in policy_args):
         policy_args = [*DEFAULT_POLICY_ARGS, *policy_args]
+    if not any(arg.startswith("--dtype") for arg in policy_args):
+        policy_args = ["--dtype", default_dtype(), *policy_args]
     args = [*CPU_DEFAULT_ARGS, "--max-model-len", "4096", "--served-model-name", model,
             *policy_args]
     log_path = Path(tempfile.gettempdir()) / "vllm-kvcompress-demo.log"

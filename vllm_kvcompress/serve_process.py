@@ -47,6 +47,9 @@ class VllmServer:
                         "--host", "127.0.0.1", *args]
         self.log_path = log_path
         self.env = {**os.environ, **CPU_DEFAULT_ENV, **(env or {})}
+        if "--kv-cache-memory-bytes" in args:
+            # vLLM lets VLLM_CPU_KVCACHE_SPACE (whole GiB) override the flag.
+            self.env.pop("VLLM_CPU_KVCACHE_SPACE")
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
 

@@ -21,8 +21,9 @@ register()
 
 @pytest.fixture(autouse=True)
 def _own_prometheus_dir(monkeypatch, tmp_path):
-    # With compression on, from_cli_args switches prometheus to multiprocess mode through
-    # this variable; keep that from leaking into the other tests of this process.
+    # With compression on, from_cli_args has engine processes write metrics to files (an
+    # environment variable, a collector on the default registry) unless this is set: keep
+    # that out of the other tests of this process.
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
 
 

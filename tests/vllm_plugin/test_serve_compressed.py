@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import time
 import urllib.error
+import urllib.request
 
 import pytest
 from transformers import AutoTokenizer
@@ -34,11 +36,18 @@ def complete_all(server: VllmServer, prompts: list[str], extra: dict | None = No
         return list(pool.map(one, prompts))
 
 
+def metric_names(server: VllmServer) -> set[str]:
+    """The metric families /metrics lists (from its `# TYPE` lines)."""
+    return {line.split()[2] for line in server.get_text("/metrics").splitlines()
+            if line.startswith("# TYPE ")}
+
+
 @pytest.fixture(scope="module")
-def stock_texts(model_dir, prompts, tmp_path_factory):
+def stock(model_dir, prompts, tmp_path_factory) -> dict:
+    """Stock vLLM's texts for the prompts, and the metric names it shows after them."""
     log = tmp_path_factory.mktemp("stock") / "vllm.log"
     with VllmServer(model_dir, [*COMMON_ARGS, "--kv-policy", "none"], log) as server:
-        return complete_all(server, prompts)
+        return {"texts": complete_all(server, prompts), "metric_names": metric_names(server)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +58,8 @@ def server(model_dir, tmp_path_factory):
         yield running
 
 
-def test_budget_above_context_matches_stock(server, prompts, stock_texts):
+def test_budget_above_context_matches_stock(server, prompts, stock):
+    stock_texts = stock["texts"]
     # Per-request budget beyond every context: nothing is evicted, outputs are stock's.
     assert complete_all(server, prompts, {"budget": 4000}) == stock_texts
     for policy in ("mikv", "think"):
@@ -71,18 +81,54 @@ def test_compressed_requests_answer_and_show_on_metrics(server, prompts):
     assert metrics["vllm:kv_compress_pages_freed_total"] > 0
 
 
-def test_low_bit_tier_bytes_show_on_metrics(server, prompts):
+def test_every_stock_metric_is_kept(server, stock, prompts):
+    complete_all(server, prompts)
+    names = metric_names(server)
+    assert stock["metric_names"] <= names
+    added = names - stock["metric_names"]
+    assert {name for name in added if not name.startswith("vllm:kv_compress_")} == set()
+    assert "vllm:kv_compress_compressions_total" in names
+
+
+def metrics_while_streaming(server: VllmServer, body: dict) -> tuple[dict, str]:
+    """Stream a completion, reading /metrics as tokens arrive; returns the first reading
+    that counts the request (the gauges describe running requests) and the text."""
+    request = urllib.request.Request(
+        f"{server.url}/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"})
+    reading, text = None, ""
+    with urllib.request.urlopen(request, timeout=300) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            text += json.loads(line[len(b"data: "):])["choices"][0]["text"]
+            if reading is None:
+                metrics = server.metrics()
+                reading = metrics if metrics["vllm:kv_compress_tokens_seen"] else None
+    assert reading is not None, "the gauges never counted the running request"
+    return reading, text
+
+
+def test_gauges_count_running_requests_then_go_idle(server, prompts):
     """A long request under mikv at budget 64: its streams hold 64 tokens at full
-    precision and the rest at 3 + 3 bits (64-byte rows against 512 bytes for a float32
-    token), so the gauges read well under full KV but above what 64 tokens alone take."""
-    body = {"model": "smol", "prompt": prompts[-1], "max_tokens": 48, "temperature": 0,
+    precision and the rest at 4 + 2 bits (64-byte rows against 512 bytes for a float32
+    token), so the gauges read well under full KV but above what 64 tokens alone take;
+    once it has finished they read 0 tokens, 0 bytes, ratio 1."""
+    body = {"model": "smol", "prompt": prompts[-1], "max_tokens": 96, "temperature": 0,
             "ignore_eos": True, "vllm_xargs": {"kv_policy": "mikv", "budget": 64}}
-    assert server.post("/v1/completions", body)["choices"][0]["text"]
-    metrics = server.metrics()   # the gauges keep the last values seen while it ran
+    metrics, text = metrics_while_streaming(server, body)
+    assert text
     seen, kept = metrics["vllm:kv_compress_bytes_seen"], metrics["vllm:kv_compress_bytes_kept"]
     tokens_seen = metrics["vllm:kv_compress_tokens_seen"]
     assert seen == tokens_seen * 30 * 3 * 2 * 64 * 4          # layers, KV heads, K+V, D, fp32
     assert 64 / tokens_seen < kept / seen < 0.3
+    idle = {"vllm:kv_compress_tokens_seen": 0.0, "vllm:kv_compress_tokens_kept": 0.0,
+            "vllm:kv_compress_ratio": 1.0, "vllm:kv_compress_bytes_seen": 0.0,
+            "vllm:kv_compress_bytes_kept": 0.0}
+    deadline = time.monotonic() + 30
+    while (gauges := {name: server.metrics()[name] for name in idle}) != idle:
+        assert time.monotonic() < deadline, f"gauges with nothing running: {gauges}"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(("extra", "expected"), [

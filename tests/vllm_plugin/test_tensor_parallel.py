@@ -56,8 +56,12 @@ def test_three_ranks_generate_what_one_rank_does(model_dir, monkeypatch):
     # The rows the d2o request recorded (vLLM sizes the slots per world size).
     recorded = [state[2][state[2].abs().sum(dim=1) > 0] for state in workers[1] + workers[3]]
     assert len(recorded[0]) == 1
+    # Each density sums a prompt's attention rows in float32, in another order on 3 ranks:
+    # relative error up to (rows summed) x eps (1.03e-5 measured on an AVX2 machine). A
+    # rank without the all-reduce holds its one head's density: up to 123% off (measured).
+    rtol = max(len(p) for p in prompts) * torch.finfo(torch.float32).eps
     for rank_densities in recorded[1:]:
-        torch.testing.assert_close(rank_densities, recorded[0], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(rank_densities, recorded[0], rtol=rtol, atol=1e-9)
     assert outputs[3] == outputs[1]
     assert live_pages[3] == live_pages[1]
     # The long prompt held all its pages while prefilling, then only the bound's.

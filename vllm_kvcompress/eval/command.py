@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
+from vllm_kvcompress.cpu_features import default_dtype
 
 
 def add_eval_parser(commands: argparse._SubParsersAction) -> None:
@@ -61,8 +62,10 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=int, help="protected recent tokens (None: the policy's default)")
     parser.add_argument("--sinks", type=int, help="protected first tokens (None: the policy's default)")
     parser.add_argument("--interval", type=int, default=16, help="decode tokens between compressions")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute type of the reference and offline runners")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="compute type of the reference and offline runners: float32 "
+                             "(results comparable across machines, and the fast type where "
+                             "bf16 is emulated) or auto (bf16 if this CPU computes it natively)")
     parser.add_argument("--threads", type=int, default=1,
                         help="reference runner's torch threads; decode and compression are many "
                              "small ops, which more threads slow down on a busy machine")
@@ -71,6 +74,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.dtype == "auto":
+        args.dtype = default_dtype()
     if args.check == "tasks":
         return run_tasks(args)
     return run_perplexity(args)

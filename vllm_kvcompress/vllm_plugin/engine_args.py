@@ -18,11 +18,11 @@ import sys
 from typing import Any
 
 from vllm.engine.arg_utils import EngineArgs
-from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, resolve_settings
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
 from vllm_kvcompress.vllm_plugin.engine_setup import enable_compression
+from vllm_kvcompress.vllm_plugin.metrics import collect_engine_processes
 
 # argparse dest -> KVCompressConfig field (same names: the flags map 1:1).
 FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode")
@@ -98,9 +98,8 @@ def install() -> None:
             additional.update(settings.to_additional_config())
             engine_args.additional_config = additional
         if settings.enabled:
-            # Compression counters live in the engine and worker processes: collect every
-            # process's metrics on /metrics (vLLM's mode for several API servers).
-            setup_multiprocess_prometheus()
+            # Compression counts in the engine and worker processes.
+            collect_engine_processes()
         # Errors found later, once the model config exists, also end in one line.
         engine_args._kvcompress_from_cli = True
         return engine_args

@@ -12,7 +12,7 @@ from vllm.logger import init_logger
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
 # Tokens per head-block and per page: small enough that a 256-token budget wastes at most
 # one partly filled block in eight, a multiple of 32 as vLLM's CPU kernels expect.

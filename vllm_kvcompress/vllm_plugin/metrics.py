@@ -1,21 +1,30 @@
 """Compression metrics on vLLM's /metrics, and a periodic INFO summary.
 
 Compression runs in the worker process and page release in the engine core; with
-compression on, engine_setup switches vLLM to prometheus_client's multiprocess mode (the
-mode vLLM itself uses with several API servers), so the API server's /metrics shows the
-counters of every process. Under tensor parallelism every rank compresses its own KV heads
-in step with the others: only the first rank publishes (its heads stand for the layer).
+compression on, `collect_engine_processes` has those processes write their metrics to files
+that the API server's /metrics reads next to vLLM's own. Under tensor parallelism every
+rank compresses its own KV heads in step with the others: only the first rank publishes
+(its heads stand for the layer).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 import time
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
 from vllm.logger import init_logger
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
+
+# The directory where engine processes write their metrics for the API server to read.
+METRICS_DIR_ENV = "KVCOMPRESS_METRICS_DIR"  # not VLLM_*: vLLM warns of ones it does not know
+_collecting_pid: int | None = None  # the API server process that reads them
+_keep_until_exit: list[tempfile.TemporaryDirectory] = []
 
 LOG_INTERVAL_S = 10.0
 GAUGE_INTERVAL_S = 0.5
@@ -49,6 +58,7 @@ class CompressionMetrics:
                                   "KV bytes the running requests' streams hold (both tiers)",
                                   multiprocess_mode="livesum")
         self._gauge_clock, self._log_clock = Every(GAUGE_INTERVAL_S), Every(LOG_INTERVAL_S)
+        self._idle = False
         self.compression_total_s = 0.0
         self.step_total_s = 0.0
 
@@ -68,11 +78,17 @@ class CompressionMetrics:
         return self.compression_total_s / self.step_total_s if self.step_total_s else 0.0
 
     def observe(self, seen: int, kept: float, bytes_seen: int, bytes_kept: int) -> None:
+        self._idle = seen == 0
         self.tokens_seen.set(seen)
         self.tokens_kept.set(kept)
         self.compression_ratio.set(seen / kept if kept else 1.0)
         self.bytes_seen.set(bytes_seen)
         self.bytes_kept.set(bytes_kept)
+
+    def observe_idle(self) -> None:
+        """Nothing running: 0 tokens and bytes, ratio 1 (written once per idle spell)."""
+        if self.publish and not self._idle:
+            self.observe(0, 0.0, 0, 0)
 
     def gauges_due(self) -> bool:
         return self.publish and self._gauge_clock.due()
@@ -96,6 +112,42 @@ class Every:
         return True
 
 
+def collect_engine_processes() -> None:
+    """In the API server, before the engine starts: /metrics shows the engine and worker
+    processes' metrics next to all of vLLM's own.
+
+    Compression counts in the engine core and the workers. They write their metrics to files
+    in a directory named by METRICS_DIR_ENV (see `_metric`), which one collector on the
+    default registry reads. PROMETHEUS_MULTIPROC_DIR itself must stay unset here: with it,
+    vLLM and its instrumentator serve the files alone and drop the API server's metrics.
+    Where it is set (by the user, or by vLLM for several API servers, which it starts as
+    processes of their own) every process writes files and vLLM's registry reads them all.
+    """
+    global _collecting_pid
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ or METRICS_DIR_ENV in os.environ:
+        return
+    directory = tempfile.TemporaryDirectory(prefix="vllm-kvcompress-metrics-")
+    _keep_until_exit.append(directory)
+    os.environ[METRICS_DIR_ENV] = directory.name
+    _collecting_pid = os.getpid()
+    MultiProcessCollector(REGISTRY, path=directory.name)
+
+
+def _write_to_shared_files() -> None:
+    """In an engine process started by a collecting API server: build metrics on files.
+
+    prometheus_client picks in-memory or file-backed values when it is imported, long
+    before this runs; picking again after setting its variable gives the metrics built from
+    now on file-backed values (no engine-side metric of vLLM's is built later).
+    """
+    directory = os.environ.get(METRICS_DIR_ENV)
+    in_memory = prometheus_values.ValueClass is prometheus_values.MutexValue
+    if directory is None or os.getpid() == _collecting_pid or not in_memory:
+        return
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    prometheus_values.ValueClass = prometheus_values.get_value_class()
+
+
 @functools.cache
 def pages_freed_counter() -> Counter:
     return _metric(Counter, "vllm:kv_compress_pages_freed",
@@ -105,4 +157,5 @@ def pages_freed_counter() -> Counter:
 @functools.cache
 def _metric(kind, name: str, documentation: str, **kwargs):
     # One instance per process: prometheus_client refuses a second registration.
+    _write_to_shared_files()
     return kind(name, documentation, **kwargs)

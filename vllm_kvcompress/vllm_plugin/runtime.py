@@ -44,7 +44,7 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
     server_settings,
 )
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
 
 @dataclass
@@ -374,10 +374,14 @@ class CompressionRuntime:
         self.cache.compact(layer, slots, policy.compress(batch, budget))
 
     def report(self) -> None:
-        """Refresh the gauges (twice a second at most; reading the lengths is a device sync)
-        and log one summary line every LOG_INTERVAL_S. Bytes count both tiers of every
-        layer; under tensor parallelism this rank's heads stand for the model's."""
-        if not self.requests or not self.metrics.gauges_due():
+        """Refresh the gauges (twice a second at most; reading the lengths is a device sync;
+        at once when nothing runs any more) and log one summary line every LOG_INTERVAL_S.
+        Bytes count both tiers of every layer; under tensor parallelism this rank's heads
+        stand for the model's."""
+        if not self.requests:
+            self.metrics.observe_idle()
+            return
+        if not self.metrics.gauges_due():
             return
         slot_list = [s.slot for s in self.requests.values()]
         slots = torch.tensor(slot_list, device=self.cache.device)

@@ -21,7 +21,7 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
     server_settings,
 )
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
 
 class KVCompressScheduler(Scheduler):

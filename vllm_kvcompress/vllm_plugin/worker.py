@@ -11,7 +11,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from vllm_kvcompress.vllm_plugin import runtime_registry
 
-logger = init_logger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
 
 class CPUCompressionWorker(CPUWorker):
@@ -45,7 +45,9 @@ class CPUCompressionWorker(CPUWorker):
         started = time.perf_counter()
         output = super().execute_model(scheduler_output)
         runtime = runtime_registry.get()
-        if runtime is not None and scheduler_output.total_num_scheduled_tokens:
-            runtime.metrics.add_step(time.perf_counter() - started)
+        if runtime is not None:
+            if scheduler_output.total_num_scheduled_tokens:
+                runtime.metrics.add_step(time.perf_counter() - started)
+            # Also after the step that only delivers the last finishes: gauges go idle.
             runtime.report()
         return output
