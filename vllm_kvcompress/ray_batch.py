@@ -51,7 +51,9 @@ def run_batch(input_path: str | Path, output_path: str | Path, model: str,
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    rows = ray.data.read_json(str(input_path), lines=True)
+    # Read all prompts before the actors start: actors holding every CPU would otherwise
+    # leave none for the read tasks (seen with one actor per CPU).
+    rows = ray.data.read_json(str(input_path), lines=True).materialize()
     if "prompt" not in rows.columns():
         raise ValueError(f"{input_path}: every line needs a \"prompt\" field")
     answers = rows.map_batches(

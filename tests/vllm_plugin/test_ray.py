@@ -1,5 +1,6 @@
 """Ray: vLLM's Ray executor refuses CPU (documented), and a Ray Data batch job over
-`vllm_kvcompress.LLM` on a cluster started as a user would (`ray start --head`)."""
+`vllm_kvcompress.LLM` on a two-node cluster started as a user would (`ray start`), one
+engine per node."""
 
 from __future__ import annotations
 
@@ -42,19 +43,21 @@ def test_vllm_ray_executor_refuses_cpu_with_its_own_error(model_dir, tmp_path, r
 
 @pytest.fixture
 def ray_cluster(ray_env):
-    """A one-machine Ray cluster, started and stopped with Ray's own commands."""
+    """A head and a worker node on this machine, one CPU each, started and stopped with
+    Ray's own commands as on several machines."""
     # Short: Ray's socket paths live under it and must stay under 108 characters.
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     port = free_port()
-    env = ray_env
-    subprocess.run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", f"--temp-dir={temp_dir}"],
-                   check=True, capture_output=True, env=env, timeout=180)
+    address = f"127.0.0.1:{port}"
+    for node in (["--head", f"--port={port}", "--include-dashboard=false",
+                  f"--temp-dir={temp_dir}"], [f"--address={address}"]):
+        subprocess.run([str(BIN / "ray"), "start", *node, "--num-cpus=1"],
+                       check=True, capture_output=True, env=ray_env, timeout=180)
     try:
-        yield f"127.0.0.1:{port}"
+        yield address
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env,
-                       timeout=120)
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True,
+                       env=ray_env, timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -68,8 +71,8 @@ def test_ray_data_batch_answers_like_llm_generate(model_dir, tmp_path, ray_env, 
     result = subprocess.run(
         [str(BIN / "vllm-kvcompress"), "ray-batch", str(source), str(answers),
          "--model", str(model_dir), "--kv-policy", "snapkv", "--budget", "64",
-         "--max-model-len", "1024", "--dtype", "float32", "--batch-size", "4",
-         "--address", ray_cluster],
+         "--max-model-len", "1024", "--dtype", "float32", "--batch-size", "3",
+         "--actors", "2", "--address", ray_cluster],
         capture_output=True, text=True, env=ray_env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     got = [json.loads(line) for line in answers.read_text().splitlines()]
