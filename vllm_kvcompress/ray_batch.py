@@ -24,9 +24,13 @@ class GenerateBatch:
     column (and optionally `max_tokens`) -> the same rows with `text`."""
 
     def __init__(self, model: str, llm_kwargs: dict[str, Any], sampling: dict[str, Any]):
-        # The engine in the actor's own process (no engine-core subprocess per actor).
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm_kvcompress.llm import LLM
+        from vllm_kvcompress.serve_process import CPU_DEFAULT_ENV
+
+        # Actors get the environment of the `ray start` that made their node: the CPU
+        # defaults unless it set them, and the engine in the actor's own process.
+        for name, value in {**CPU_DEFAULT_ENV, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+            os.environ.setdefault(name, value)
 
         self.llm = LLM(model, **llm_kwargs)
         self.sampling = sampling

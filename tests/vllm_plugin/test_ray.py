@@ -25,11 +25,14 @@ SETTINGS = dict(kv_policy="snapkv", budget=64, max_model_len=1024, dtype="float3
 
 @pytest.fixture
 def ray_env(tmp_path) -> dict[str, str]:
-    """Ray's environment: its own HOME, since a local `ray.init()` leaves an auth token in
-    ~/.ray that a cluster started later by `ray start` then refuses."""
+    """Ray's environment: a user's shell (without this suite's vLLM settings) and its own
+    HOME, since a local `ray.init()` leaves an auth token in ~/.ray that a cluster started
+    later by `ray start` then refuses."""
     home = tmp_path / "home"
     home.mkdir()
-    return {**os.environ, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    return {**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def test_vllm_ray_executor_refuses_cpu_with_its_own_error(model_dir, tmp_path, ray_env):
