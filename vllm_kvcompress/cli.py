@@ -8,7 +8,6 @@ import sys
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
 from vllm_kvcompress.eval.command import add_eval_parser
-from vllm_kvcompress.policies.registry import KNOWN_POLICIES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("input", help="JSONL of prompts")
     batch.add_argument("output", help="JSONL of answers (written)")
     batch.add_argument("--model", required=True, help="a model folder or name vLLM can load")
-    batch.add_argument("--kv-policy", default="ems", choices=KNOWN_POLICIES)
+    batch.add_argument("--kv-policy", default="ems", help="checked with the other settings")
     batch.add_argument("--budget", type=int, default=256)
     batch.add_argument("--max-tokens", type=int, default=64)
     batch.add_argument("--max-model-len", type=int, default=4096)

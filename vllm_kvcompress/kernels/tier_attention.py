@@ -76,7 +76,8 @@ def tier_attention_reference(query, row_pool, fmt, block_tables, lengths, key_sc
                                              request_slots[r:r + 1], stream_lens[r:r + 1])
         for begin in range(starts[r], starts[r + 1], QUERY_CHUNK):
             rows = slice(begin, min(begin + QUERY_CHUNK, starts[r + 1]))
-            out[rows], lse[rows] = (x[0] for x in _attend(query[None, rows], keys, values, live, scale))
+            chunk_out, chunk_lse = _attend(query[None, rows], keys, values, live, scale)
+            out[rows], lse[rows] = chunk_out[0], chunk_lse[0]
     return out, lse
 
 
@@ -95,13 +96,18 @@ def _decode_streams(row_pool, fmt, block_tables, key_scales, slots, stream_lens)
     return keys, values.masked_fill(~live[..., None], 0.0), live
 
 
+def _logits(query, keys, scale):
+    """query [R, Q, Hq, D], keys [R, H, A, D] -> logits [R, H, G, Q, A] float32 (G query
+    heads per KV head)."""
+    num_requests, num_queries, _, head_dim = query.shape
+    queries = query.float().view(num_requests, num_queries, keys.shape[1], -1, head_dim)
+    return torch.einsum("rqhgd,rhad->rhgqa", queries, keys) * scale
+
+
 def _attend(query, keys, values, live, scale):
     """query [R, Q, Hq, D] over keys, values [R, H, A, D] -> out [R, Q, Hq, D], lse [R, Q, Hq]."""
     num_requests, num_queries, num_q_heads, head_dim = query.shape
-    num_heads = keys.shape[1]
-    queries = query.float().view(num_requests, num_queries, num_heads, -1, head_dim)
-    logits = torch.einsum("rqhgd,rhad->rhgqa", queries, keys) * scale
-    logits = logits.masked_fill(~live[:, :, None, None, :], -torch.inf)
+    logits = _logits(query, keys, scale).masked_fill(~live[:, :, None, None, :], -torch.inf)
     lse = torch.logsumexp(logits, dim=-1)                                        # [R, H, G, Q]
     probs = torch.exp(logits - torch.where(lse > -torch.inf, lse, 0.0)[..., None])
     out = torch.einsum("rhgqa,rhad->rqhgd", probs, values)
@@ -129,9 +135,7 @@ def add_tier_scores(query: torch.Tensor, row_pool: torch.Tensor, fmt: NarrowKeyF
         keys, _, live = _decode_streams(row_pool, fmt, block_tables, key_scales, slot,
                                         stream_lens[r:r + 1])
         rows = slice(starts[r], starts[r + 1])
-        queries = query[rows].float().view(1, rows.stop - rows.start, keys.shape[1], -1,
-                                          keys.shape[-1])
-        logits = torch.einsum("rqhgd,rhad->rhgqa", queries, keys) * scale
+        logits = _logits(query[None, rows], keys, scale)
         row_lse = lse[rows].view(1, rows.stop - rows.start, keys.shape[1], -1).permute(0, 2, 3, 1)
         probs = torch.exp(logits - row_lse[..., None]).masked_fill(~live[:, :, None, None, :], 0.0)
         mass = probs.sum(dim=(2, 3))[0]                                              # [H, A]
