@@ -8,6 +8,7 @@ import sys
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
 from vllm_kvcompress.eval.command import add_eval_parser
+from vllm_kvcompress.sharing.cache_sim_command import add_cache_parsers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     add_eval_parser(commands)
+    add_cache_parsers(commands)
 
     batch = commands.add_parser(
         "ray-batch", help="answer a JSONL of prompts on Ray Data actors (vllm_kvcompress.LLM)",
@@ -49,8 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--address", default=None,
                        help="a Ray cluster (default: RAY_ADDRESS, else a local Ray)")
 
+    planned = commands.add_parser(
+        "batch", help="run an OpenAI batch file (vllm run-batch) in its prefix tree's order",
+        description="INPUT: one request per line, {\"custom_id\", \"method\": \"POST\", "
+                    "\"url\": \"/v1/chat/completions\", \"body\"} (vLLM's run-batch "
+                    "format). Chat requests run in the batch plan's order, with exact "
+                    "kv_cache_hint bits under --kv-cache-replacement predicted; OUTPUT has "
+                    "vLLM's answers in INPUT's order. Other flags go to `vllm run-batch`.")
+    planned.add_argument("input", help="JSONL batch file")
+    planned.add_argument("output", help="JSONL answers (written)")
+    planned.add_argument("--model", required=True, help="a model folder or name vLLM can load")
+    planned.add_argument("--no-plan", action="store_true", help="run the file as given")
+
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "demo":
+    if extra and args.command not in ("demo", "batch"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     if args.command == "model":
@@ -85,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         written = run_batch(args.input, args.output, args.model, llm_kwargs, sampling,
                             actors=args.actors, batch_size=args.batch_size, address=args.address)
         print(f"{written} answers written to {args.output}", file=sys.stderr)
+    elif args.command == "batch":
+        from vllm_kvcompress.serve_process import vllm_command
+        from vllm_kvcompress.sharing.batch_file import run_batch_file
+
+        return run_batch_file(args.input, args.output, args.model, extra, vllm_command(),
+                              plan=not args.no_plan)
+    elif args.command in ("cache-sim", "cache-trace"):
+        from vllm_kvcompress.sharing.cache_sim_command import run_cache_command
+
+        return run_cache_command(args, parser)
     elif args.command == "eval":
         from vllm_kvcompress.eval.command import run_eval
 

@@ -27,6 +27,8 @@ FLAGS = {
     "kv_interval": "--kv-interval",
     "kv_prefill_mode": "--kv-prefill-mode",
     "kv_policy_args": "kv_policy_args (in --kv-config)",
+    "kv_cache_replacement": "--kv-cache-replacement",
+    "kv_trace": "--kv-trace",
 }
 
 
@@ -51,6 +53,10 @@ class KVCompressConfig(BaseModel):
     kv_interval: int = Field(default=16, ge=1)
     kv_prefill_mode: Literal["full", "chunked"] = "full"
     kv_policy_args: dict[str, Any] = Field(default_factory=dict)
+    # Prefix-cache replacement (sharing/replacement/): vLLM's LRU, or marking with one-bit
+    # predictions; independent of compression.
+    kv_cache_replacement: Literal["lru", "predicted"] = "lru"
+    kv_trace: str | None = None   # JSONL file that logs every admitted request's lookup
 
     @field_validator("kv_policy")
     @classmethod
@@ -72,6 +78,11 @@ class KVCompressConfig(BaseModel):
     @property
     def enabled(self) -> bool:
         return self.kv_policy != "none"
+
+    @property
+    def prefix_cache_plugin(self) -> bool:
+        """Our scheduler is needed even without compression (replacement or trace on)."""
+        return self.kv_cache_replacement != "lru" or self.kv_trace is not None
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> KVCompressConfig:

@@ -1,12 +1,17 @@
-"""`vllm_kvcompress.LLM`: vLLM's offline LLM with the compression settings as arguments."""
+"""`vllm_kvcompress.LLM`: vLLM's offline LLM with the compression settings as arguments,
+whose `generate` plans the batch (sharing/batch_plan.py) before submitting it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import vllm
+from vllm import SamplingParams
 
 from vllm_kvcompress.config import resolve_settings
+from vllm_kvcompress.sharing.batch_plan import BatchPlan, plan_batch
+from vllm_kvcompress.vllm_plugin.prefix_cache import HINT_KEY
 
 
 class LLM(vllm.LLM):
@@ -15,16 +20,91 @@ class LLM(vllm.LLM):
     Example: `LLM(model, kv_policy="snapkv", budget=256).generate(prompts, params)`.
     Settings are validated here (one-line ValueError) and passed to vLLM as
     `additional_config`; everything else, progress bars included, is vLLM's.
+    `generate` runs a batch in its prefix tree's order (outputs in the input order);
+    `plan_batch=False` submits it as given.
     """
 
     def __init__(self, model: str, *, kv_policy: str | None = None, budget: int | None = None,
                  kv_window: int | None = None, kv_sinks: int | None = None,
                  kv_interval: int | None = None, kv_prefill_mode: str | None = None,
+                 kv_cache_replacement: str | None = None, kv_trace: str | None = None,
                  kv_config: str | None = None, **kwargs: Any) -> None:
         explicit = {"kv_policy": kv_policy, "budget": budget, "kv_window": kv_window,
                     "kv_sinks": kv_sinks, "kv_interval": kv_interval,
-                    "kv_prefill_mode": kv_prefill_mode}
+                    "kv_prefill_mode": kv_prefill_mode,
+                    "kv_cache_replacement": kv_cache_replacement, "kv_trace": kv_trace}
         settings = resolve_settings(kv_config, explicit)
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional.update(settings.to_additional_config())
         super().__init__(model, additional_config=additional, **kwargs)
+        self.kv_settings = settings
+        self.last_plan: BatchPlan | None = None
+
+    def generate(self, prompts, sampling_params=None, *, plan_batch: bool = True,
+                 lora_request=None, priority=None, **kwargs):
+        token_ids = self._plannable(prompts) if plan_batch else None
+        if token_ids is None:
+            return super().generate(prompts, sampling_params, lora_request=lora_request,
+                                    priority=priority, **kwargs)
+        count = len(token_ids)
+        params = _per_request(sampling_params or self.get_default_sampling_params(), count)
+        cache = self.llm_engine.vllm_config.cache_config
+        plan = plan_batch_for(token_ids, params, cache.block_size, cache.num_gpu_blocks)
+        self.last_plan = plan
+        if self.kv_settings.kv_cache_replacement == "predicted" and cache.enable_prefix_caching:
+            params = [_with_hint(p, bits) for p, bits in zip(params, plan.hints)]
+        order = plan.order
+
+        def reorder(values):
+            return [values[i] for i in order] if isinstance(values, Sequence) else values
+
+        outputs = super().generate([prompts[i] for i in order], reorder(params),
+                                   lora_request=reorder(lora_request),
+                                   priority=reorder(priority), **kwargs)
+        in_input_order = [None] * count
+        for index, output in zip(order, outputs):
+            in_input_order[index] = output
+        return in_input_order
+
+    def _plannable(self, prompts) -> list[list[int]] | None:
+        """Token ids of each prompt, or None where planning does not apply (one prompt,
+        multimodal or embedding inputs)."""
+        if isinstance(prompts, (str, dict)) or not isinstance(prompts, Sequence):
+            return None
+        if len(prompts) < 2:
+            return None
+        tokenizer = self.get_tokenizer()
+        token_ids = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                token_ids.append(tokenizer.encode(prompt))
+            elif isinstance(prompt, dict) and set(prompt) == {"prompt_token_ids"}:
+                token_ids.append(list(prompt["prompt_token_ids"]))
+            elif isinstance(prompt, dict) and set(prompt) == {"prompt"}:
+                token_ids.append(tokenizer.encode(prompt["prompt"]))
+            else:
+                return None
+        return token_ids
+
+
+def plan_batch_for(token_ids: list[list[int]], params: list[SamplingParams], page_tokens: int,
+                   cache_pages: int | None) -> BatchPlan:
+    max_tokens = [p.max_tokens or 16 for p in params]
+    return plan_batch(token_ids, max_tokens, page_tokens, cache_pages)
+
+
+def _per_request(params, count: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    if len(params) != count:
+        raise ValueError(f"{len(params)} sampling_params for {count} prompts")
+    return list(params)
+
+
+def _with_hint(params: SamplingParams, bits: list[int]) -> SamplingParams:
+    """A copy with the plan's exact bits, unless the caller set its own hint."""
+    if HINT_KEY in (params.extra_args or {}):
+        return params
+    params = params.clone()
+    params.extra_args = {**(params.extra_args or {}), HINT_KEY: bits}
+    return params

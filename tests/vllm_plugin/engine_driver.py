@@ -18,7 +18,7 @@ ENGINE_ARGS = dict(enforce_eager=True, dtype="float32", max_model_len=4096, seed
 
 
 @contextmanager
-def started_llm(model_dir, kv_tokens: int | None = None, **kwargs):
+def started_llm(model_dir, kv_tokens: int | None = None, llm_class=LLM, **kwargs):
     """An in-process engine, shut down on exit even when the test fails (a second engine
     in the same process needs the first one's distributed state torn down).
 
@@ -27,7 +27,7 @@ def started_llm(model_dir, kv_tokens: int | None = None, **kwargs):
         compressed = kwargs.get("additional_config", {}).get("kv_policy", "none") != "none"
         block_size = BLOCK_SIZE if compressed else 128  # ours vs vLLM's CPU default
         kwargs["num_gpu_blocks_override"] = kv_tokens // block_size
-    llm = LLM(str(model_dir), **{**ENGINE_ARGS, **kwargs})
+    llm = llm_class(str(model_dir), **{**ENGINE_ARGS, **kwargs})
     try:
         yield llm
     finally:

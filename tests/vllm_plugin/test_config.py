@@ -177,3 +177,24 @@ def test_policy_for_shares_one_policy_per_configuration():
     assert policy is policy_for(KVCompressConfig.from_dict(settings.model_dump()))
     assert policy is not policy_for(KVCompressConfig.from_dict(
         {**settings.model_dump(), "kv_policy_args": {"full_layers": [0]}}))
+
+
+def test_prefix_cache_replacement_flags(model_dir, tmp_path):
+    base = ("--model", str(model_dir))
+    # lru without a trace is vLLM's own scheduler, untouched.
+    config = engine_args_from_cli(*base, "--kv-cache-replacement", "lru").create_engine_config()
+    assert "kvcompress" not in str(config.scheduler_config.scheduler_cls)
+    trace = str(tmp_path / "trace.jsonl")
+    config = engine_args_from_cli(*base, "--kv-cache-replacement", "predicted",
+                                  "--kv-trace", trace).create_engine_config()
+    assert config.scheduler_config.scheduler_cls.endswith("PrefixCacheScheduler")
+    assert config.additional_config["kv_cache_replacement"] == "predicted"
+    assert config.additional_config["kv_trace"] == trace
+    config = engine_args_from_cli(*base, "--kv-cache-replacement", "predicted", "--kv-policy",
+                                  "snapkv").create_engine_config()
+    assert config.scheduler_config.scheduler_cls.endswith("KVCompressScheduler")
+    message = cli_error(*base, "--kv-cache-replacement", "predicted",
+                        "--no-enable-prefix-caching")
+    assert "--kv-cache-replacement=predicted: needs prefix caching" in message
+    with pytest.raises(SystemExit):
+        serve_args(*base, "--kv-cache-replacement", "lfu")

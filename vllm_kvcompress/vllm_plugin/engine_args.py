@@ -21,11 +21,15 @@ from vllm.engine.arg_utils import EngineArgs
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError, resolve_settings
 from vllm_kvcompress.policies.registry import KNOWN_POLICIES
-from vllm_kvcompress.vllm_plugin.engine_setup import enable_compression
+from vllm_kvcompress.vllm_plugin.engine_setup import (
+    enable_compression,
+    enable_prefix_cache_plugin,
+)
 from vllm_kvcompress.vllm_plugin.metrics import collect_engine_processes
 
 # argparse dest -> KVCompressConfig field (same names: the flags map 1:1).
-FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode")
+FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode",
+               "kv_cache_replacement", "kv_trace")
 
 
 def add_compression_flags(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +65,16 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "every prefill chunk (bounded memory for prompts larger than the cache).",
     )
     group.add_argument(
+        "--kv-cache-replacement", choices=("lru", "predicted"), default=None,
+        help="Which cached prefix pages vLLM evicts first: lru (default, vLLM's own) or "
+        "predicted (marking with one-bit predictions: request hints, else learned online).",
+    )
+    group.add_argument(
+        "--kv-trace", default=None, metavar="FILE.jsonl",
+        help="Append every admitted request's page-hash chain to FILE "
+        "(the format `vllm-kvcompress cache-sim` replays).",
+    )
+    group.add_argument(
         "--kv-config", default=None, metavar="FILE.yaml",
         help="YAML preset of the settings above (a path, or a name from configs/).",
     )
@@ -94,11 +108,12 @@ def install() -> None:
             settings = settings_from_cli(args, additional)
         except KVCompressConfigError as exc:
             sys.exit(f"vllm-kvcompress: error: {exc}")
-        if settings.enabled or any(k in additional for k in KVCompressConfig.model_fields):
+        if (settings.enabled or settings.prefix_cache_plugin
+                or any(k in additional for k in KVCompressConfig.model_fields)):
             additional.update(settings.to_additional_config())
             engine_args.additional_config = additional
-        if settings.enabled:
-            # Compression counts in the engine and worker processes.
+        if settings.enabled or settings.prefix_cache_plugin:
+            # Our counters live in the engine and worker processes.
             collect_engine_processes()
         # Errors found later, once the model config exists, also end in one line.
         engine_args._kvcompress_from_cli = True
@@ -112,6 +127,8 @@ def install() -> None:
             if settings.enabled:
                 settings.check_max_model_len(vllm_config.model_config.max_model_len)
                 enable_compression(vllm_config, settings, prefix_caching_requested)
+            elif settings.prefix_cache_plugin:
+                enable_prefix_cache_plugin(vllm_config, settings)
         except KVCompressConfigError as exc:
             if getattr(self, "_kvcompress_from_cli", False):
                 sys.exit(f"vllm-kvcompress: error: {exc}")

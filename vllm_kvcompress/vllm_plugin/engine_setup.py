@@ -19,6 +19,8 @@ logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and le
 BLOCK_SIZE = 32
 
 SCHEDULER_CLS = "vllm_kvcompress.vllm_plugin.scheduler.KVCompressScheduler"
+# Prefix-cache replacement or tracing without compression: vLLM's worker stays.
+PREFIX_CACHE_SCHEDULER_CLS = "vllm_kvcompress.vllm_plugin.prefix_cache.PrefixCacheScheduler"
 # vLLM's worker class per platform -> ours, which wraps it.
 WORKER_CLS = {
     "vllm.v1.worker.cpu_worker.CPUWorker": "vllm_kvcompress.vllm_plugin.worker.CPUCompressionWorker",
@@ -41,9 +43,28 @@ def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig,
     vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLS
     parallel_config = vllm_config.parallel_config
     parallel_config.worker_cls = WORKER_CLS[parallel_config.worker_cls]
+    _check_replacement(vllm_config, settings)
     logger.info("vllm-kvcompress: %s, budget %d tokens per KV head, interval %d, prefill %s",
                 settings.kv_policy, settings.budget, settings.kv_interval,
                 settings.kv_prefill_mode)
+
+
+def enable_prefix_cache_plugin(vllm_config: VllmConfig, settings: KVCompressConfig) -> None:
+    """Compression off, prefix-cache replacement or tracing on: only the scheduler changes."""
+    _check_replacement(vllm_config, settings)
+    # Bits and lookups are matched to requests between steps; one step at a time.
+    vllm_config.scheduler_config.async_scheduling = False
+    vllm_config.scheduler_config.scheduler_cls = PREFIX_CACHE_SCHEDULER_CLS
+    logger.info("vllm-kvcompress: prefix-cache replacement %s%s", settings.kv_cache_replacement,
+                f", tracing lookups to {settings.kv_trace}" if settings.kv_trace else "")
+
+
+def _check_replacement(vllm_config: VllmConfig, settings: KVCompressConfig) -> None:
+    if settings.prefix_cache_plugin and not vllm_config.cache_config.enable_prefix_caching:
+        flag = ("--kv-trace" if settings.kv_cache_replacement == "lru"
+                else f"--kv-cache-replacement={settings.kv_cache_replacement}")
+        raise KVCompressConfigError(f"{flag}: needs prefix caching, which is off "
+                                    "(drop --no-enable-prefix-caching)")
 
 
 def _refuse_unsupported(vllm_config: VllmConfig, prefix_caching_requested: bool | None) -> None:

@@ -12,6 +12,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.vllm_plugin.prefix_cache import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
     REQUEST_KEYS,
     resolve_request_settings,
@@ -21,6 +22,12 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
 
 def validate_request(vllm_config, params: SamplingParams) -> None:
     """Raise VLLMValidationError if the request's compression overrides are invalid."""
+    hint = (params.extra_args or {}).get(HINT_KEY)
+    if hint is not None and not valid_hint(hint):
+        raise VLLMValidationError(
+            f"invalid {HINT_KEY} in vllm_xargs: {hint!r}; allowed values: "
+            f"{', '.join(HINTS)}, or a list of 0/1 per prompt page",
+            parameter="vllm_xargs", value={HINT_KEY: hint})
     given = {k: v for k, v in (params.extra_args or {}).items() if k in REQUEST_KEYS}
     if not given:
         return

@@ -1,21 +1,22 @@
 """vLLM's scheduler with compressed-KV accounting (engine core process).
 
-Only three things change: the KV manager of our spec learns each request's compression
-schedule when the request arrives, prefix-cache hits leave a compressed request the
-prompt tokens its policy must see the queries of, and a few counters are kept for metrics
-and tests. Allocation itself stays vLLM's, through CompressedAttentionManager.
+On top of the prefix-cache replacement and trace (prefix_cache.py), only three things
+change: the KV manager of our spec learns each request's compression schedule when the
+request arrives, prefix-cache hits leave a compressed request the prompt tokens its policy
+must see the queries of, and a few counters are kept for metrics and tests. Allocation
+itself stays vLLM's, through CompressedAttentionManager.
 """
 
 from __future__ import annotations
 
 from vllm.logger import init_logger
-from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import (
     CompressedAttentionManager,
     register_spec,
     schedule_for,
 )
+from vllm_kvcompress.vllm_plugin.prefix_cache import PrefixCacheScheduler
 from vllm_kvcompress.vllm_plugin.request_settings import (
     resolve_request_settings,
     server_settings,
@@ -24,7 +25,7 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
 
-class KVCompressScheduler(Scheduler):
+class KVCompressScheduler(PrefixCacheScheduler):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs) -> None:
         register_spec()  # before super() builds the KV cache manager
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
