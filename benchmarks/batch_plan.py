@@ -37,7 +37,7 @@ from vllm import LLM, SamplingParams
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
 from vllm_kvcompress.cpu_features import default_dtype
 from vllm_kvcompress.llm import plan_batch_for
-from vllm_kvcompress.vllm_plugin.prefix_cache import HINT_KEY
+from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 PAGE_TOKENS = 32
 

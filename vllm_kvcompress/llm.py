@@ -11,7 +11,7 @@ from vllm import SamplingParams
 
 from vllm_kvcompress.config import resolve_settings
 from vllm_kvcompress.sharing.batch_plan import BatchPlan, plan_batch
-from vllm_kvcompress.vllm_plugin.prefix_cache import HINT_KEY
+from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 
 class LLM(vllm.LLM):

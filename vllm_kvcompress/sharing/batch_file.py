@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_kvcompress.sharing.batch_plan import plan_batch
+from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 CHAT_URL = "/v1/chat/completions"
-HINT_KEY = "kv_cache_hint"   # vllm_plugin/prefix_cache.py reads it; this file stays vLLM-free
 # Without max_tokens a chat answer may run to max_model_len: rank it as decode-heavy.
 UNSET_MAX_TOKENS = 1024
 

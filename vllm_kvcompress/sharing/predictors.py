@@ -18,6 +18,17 @@ from vllm_kvcompress.sharing.replacement import chain_bits
 from vllm_kvcompress.sharing.traces import TraceRequest, token_chain
 
 
+HINT_KEY = "kv_cache_hint"            # in SamplingParams.extra_args / vllm_xargs
+HINTS = {"discard": 1, "keep": 0}    # or a list of 0/1, one per prompt page
+
+
+def valid_hint(hint: object) -> bool:
+    if isinstance(hint, str):
+        return hint in HINTS
+    return isinstance(hint, list) and all(bit in (0, 1) and not isinstance(bit, float)
+                                          for bit in hint)
+
+
 def perfect_discard_bits(trace: Sequence[TraceRequest], capacity: int) -> list[list[int]]:
     return belady(trace, capacity)[1]
 

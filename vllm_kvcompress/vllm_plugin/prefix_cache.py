@@ -25,15 +25,13 @@ from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvcompress.sharing.predictors import OnlinePredictor
+from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, OnlinePredictor, valid_hint
 from vllm_kvcompress.sharing.replacement import ReplacementPolicy, chain_bits, make_replacement
 from vllm_kvcompress.vllm_plugin.metrics import _metric
 from vllm_kvcompress.vllm_plugin.request_settings import server_settings
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
-HINT_KEY = "kv_cache_hint"
-HINTS = {"discard": 1, "keep": 0}
 
 
 class PredictedFreeBlockQueue(FreeKVCacheBlockQueue):
@@ -117,6 +115,8 @@ class PrefixCacheScheduler(Scheduler):
 
     def _get_local_prefix_cache_hit(self, request):
         blocks, num_hit, *rest = super()._get_local_prefix_cache_hit(request)
+        if self.free_queue is None and self.trace is None:    # compression alone: nothing to do
+            return blocks, num_hit, *rest
         full_pages = request.block_hashes[: request.num_tokens // self.block_size]
         pages = [block_hash.hex()[:16] for block_hash in full_pages]
         self._lookups[request.request_id] = (pages, num_hit // self.block_size)
@@ -178,12 +178,6 @@ def hint_bits(request, num_pages: int) -> list[int | None] | None:
         return [int(bit) for bit in hint[:num_pages]] + [None] * (num_pages - len(hint))
     return None
 
-
-def valid_hint(hint: object) -> bool:
-    if isinstance(hint, str):
-        return hint in HINTS
-    return isinstance(hint, list) and all(bit in (0, 1) and not isinstance(bit, float)
-                                          for bit in hint)
 
 
 def _eviction_counter() -> Counter:

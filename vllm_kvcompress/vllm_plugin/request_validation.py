@@ -12,7 +12,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_kvcompress.config import KVCompressConfigError
-from vllm_kvcompress.vllm_plugin.prefix_cache import HINT_KEY, HINTS, valid_hint
+from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
     REQUEST_KEYS,
     resolve_request_settings,
