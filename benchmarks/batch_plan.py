@@ -1,12 +1,15 @@
 """An offline batch of tree-shaped prompts: stock vLLM in the user's (shuffled) order and
-sorted, against the batch planner (sharing/batch_plan.py) with and without compression.
+sorted, against the batch planner (sharing/batch_plan.py) with vLLM's admission and with
+batch scheduling (`--kv-scheduling batch`: admission by peak pages, group prefixes held),
+with and without compression.
 
 The workload is token ids: system prompts -> documents -> questions (BatchLLM's shape),
 output lengths varying within each document's group, shuffled with a fixed seed. Every
 engine has the same model, the same KV memory (pages of 32 tokens, sized so that LRU must
 evict) and the same prompts, all submitted at once and stepped to the end. The planner
 rows submit in the plan's order with the plan's exact replacement bits
-(`--kv-cache-replacement predicted`), as `vllm_kvcompress.LLM.generate` does.
+(`--kv-cache-replacement predicted`) and, with batch scheduling, their groups
+(`kv_group`), as `vllm_kvcompress.LLM.generate` does.
 
 Reported: wall time, output and total tok/s, prompt tokens computed against the tree's
 unique-token lower bound, prefix hit rate against the best possible (every token but the
@@ -37,6 +40,8 @@ from vllm import LLM, SamplingParams
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
 from vllm_kvcompress.cpu_features import default_dtype
 from vllm_kvcompress.llm import plan_batch_for
+from vllm_kvcompress.sharing.batch_plan import BatchPlan
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
 from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 PAGE_TOKENS = 32
@@ -59,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2,
                         help="runs per setting, interleaved (the fastest is reported)")
+    parser.add_argument("--only", nargs="*", type=int, metavar="ROW",
+                        help="run only these rows of the table (0-based; sorted is always run)")
     parser.add_argument("--json", metavar="FILE")
     return parser.parse_args()
 
@@ -84,7 +91,7 @@ def tree_workload(args) -> tuple[list[list[int]], list[int]]:
 
 
 def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
-        hints: list[list[int]] | None) -> dict:
+        plan: BatchPlan | None) -> dict:
     llm = LLM(model_dir, enforce_eager=True, dtype=args.dtype, seed=0, max_model_len=2048,
               block_size=PAGE_TOKENS, enable_prefix_caching=True,
               num_gpu_blocks_override=args.kv_pages + 1, additional_config=config)
@@ -93,12 +100,16 @@ def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
     pool = scheduler.kv_cache_manager.block_pool
     try:
         for i in order:
-            extra = {HINT_KEY: hints[i]} if hints is not None else None
+            extra = None
+            if plan is not None:    # what vllm_kvcompress.LLM.generate sends
+                extra = {HINT_KEY: plan.hints[i]}
+                if config.get("kv_scheduling") == "batch":
+                    extra[GROUP_KEY] = f"plan-{plan.groups[i]}"
             params = SamplingParams(max_tokens=outputs[i], temperature=0, ignore_eos=True,
                                     extra_args=extra)
             engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, params)
         preemptions: dict[str, int] = {}
-        steps = cached = output_tokens = peak = 0
+        steps = cached = output_tokens = peak = running = 0
         started = time.perf_counter()
         while engine.has_unfinished_requests():
             for output in engine.step():
@@ -106,6 +117,7 @@ def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
                     cached += output.num_cached_tokens or 0
                     output_tokens += len(output.outputs[0].token_ids)
             steps += 1
+            running += len(scheduler.running)
             peak = max(peak, pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
             preemptions.update({r: q.num_preemptions for r, q in scheduler.requests.items()})
         wall = time.perf_counter() - started
@@ -118,7 +130,8 @@ def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
                 total_tok_per_s=(prompt_tokens + output_tokens) / wall,
                 computed_prompt_tokens=prompt_tokens - cached, hit_rate=cached / prompt_tokens,
                 peak_pages=peak, preemptions=sum(preemptions.values()), steps=steps,
-                tokens_per_step=(prompt_tokens - cached + output_tokens) / steps)
+                tokens_per_step=(prompt_tokens - cached + output_tokens) / steps,
+                mean_running=running / steps)
 
 
 def main() -> None:
@@ -132,14 +145,20 @@ def main() -> None:
     best_hit_rate = 1 - plan.unique_prompt_tokens / prompt_tokens
     budget = prompt_tokens // len(prompts) // args.compression_rate
     shuffled = list(range(len(prompts)))
+    planned = {"kv_cache_replacement": "predicted"}
+    batch = {**planned, "kv_scheduling": "batch"}
+    compressed = {"kv_policy": args.policy, "budget": budget}
+    cr = f"{args.policy} CR {args.compression_rate}"
     settings = [
         ("stock vLLM, shuffled", shuffled, {}, None),
         ("stock vLLM, sorted", sorted(shuffled, key=lambda i: prompts[i]), {}, None),
-        ("planner", plan.order, {"kv_cache_replacement": "predicted"}, plan.hints),
-        (f"planner, {args.policy} CR {args.compression_rate}", plan.order,
-         {"kv_cache_replacement": "predicted", "kv_policy": args.policy, "budget": budget},
-         plan.hints),
+        ("planner, vLLM admission", plan.order, planned, plan),
+        ("planner, batch scheduling", plan.order, batch, plan),
+        (f"planner, vLLM admission, {cr}", plan.order, {**planned, **compressed}, plan),
+        (f"planner, batch scheduling, {cr}", plan.order, {**batch, **compressed}, plan),
     ]
+    if args.only is not None:
+        settings = [row for i, row in enumerate(settings) if i == 1 or i in args.only]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     print(f"commit {commit}, {args.dtype}, {len(prompts)} requests ({plan.num_groups} groups), "
@@ -148,19 +167,19 @@ def main() -> None:
           f"{PAGE_TOKENS}, load average {os.getloadavg()[0]:.1f}")
     runs: dict[str, list[dict]] = {label: [] for label, *_ in settings}
     for _ in range(args.rounds):     # interleaved: a slow spell hits every setting
-        for label, order, config, hints in settings:
-            runs[label].append(run(model_dir, args, prompts, outputs, order, config, hints))
+        for label, order, config, given_plan in settings:
+            runs[label].append(run(model_dir, args, prompts, outputs, order, config, given_plan))
     results = [{"setting": label, "walls_s": [r["wall_s"] for r in runs[label]],
                 **min(runs[label], key=lambda r: r["wall_s"])} for label, *_ in settings]
-    sorted_tps = results[1]["total_tok_per_s"]
+    sorted_tps = next(r for r in results if r["setting"] == "stock vLLM, sorted")["total_tok_per_s"]
     print_table(["setting", "wall s", "output tok/s", "total tok/s", "vs sorted",
                  "prompt tokens computed", "vs lower bound", "hit rate", "vs best", "peak pages",
-                 "preemptions", "steps", "tokens/step"],
+                 "preemptions", "steps", "tokens/step", "running/step"],
                 [[r["setting"], r["wall_s"], r["output_tok_per_s"], r["total_tok_per_s"],
                   r["total_tok_per_s"] / sorted_tps, r["computed_prompt_tokens"],
                   r["computed_prompt_tokens"] / plan.unique_prompt_tokens, r["hit_rate"],
                   r["hit_rate"] / best_hit_rate, r["peak_pages"], r["preemptions"],
-                  r["steps"], r["tokens_per_step"]] for r in results])
+                  r["steps"], r["tokens_per_step"], r["mean_running"]] for r in results])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "lower_bound": plan.unique_prompt_tokens,

@@ -29,6 +29,7 @@ FLAGS = {
     "kv_policy_args": "kv_policy_args (in --kv-config)",
     "kv_cache_replacement": "--kv-cache-replacement",
     "kv_trace": "--kv-trace",
+    "kv_scheduling": "--kv-scheduling",
 }
 
 
@@ -57,6 +58,9 @@ class KVCompressConfig(BaseModel):
     # predictions; independent of compression.
     kv_cache_replacement: Literal["lru", "predicted"] = "lru"
     kv_trace: str | None = None   # JSONL file that logs every admitted request's lookup
+    # Admission: vLLM's (as many requests as fit now), or batch (BatchLLM's: by the pages
+    # each request needs at its peak, holding a kv_group's shared prefix until its end).
+    kv_scheduling: Literal["vllm", "batch"] = "vllm"
 
     @field_validator("kv_policy")
     @classmethod
@@ -81,8 +85,10 @@ class KVCompressConfig(BaseModel):
 
     @property
     def prefix_cache_plugin(self) -> bool:
-        """Our scheduler is needed even without compression (replacement or trace on)."""
-        return self.kv_cache_replacement != "lru" or self.kv_trace is not None
+        """Our scheduler is needed even without compression (replacement, trace or batch
+        scheduling on)."""
+        return (self.kv_cache_replacement != "lru" or self.kv_trace is not None
+                or self.kv_scheduling != "vllm")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> KVCompressConfig:

@@ -11,6 +11,7 @@ from vllm import SamplingParams
 
 from vllm_kvcompress.config import resolve_settings
 from vllm_kvcompress.sharing.batch_plan import BatchPlan, plan_batch
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
 from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 
@@ -20,7 +21,8 @@ class LLM(vllm.LLM):
     Example: `LLM(model, kv_policy="snapkv", budget=256).generate(prompts, params)`.
     Settings are validated here (one-line ValueError) and passed to vLLM as
     `additional_config`; everything else, progress bars included, is vLLM's.
-    `generate` runs a batch in its prefix tree's order (outputs in the input order);
+    `generate` runs a batch in its prefix tree's order (outputs in the input order),
+    with each request's group (`kv_group`) under `kv_scheduling="batch"`;
     `plan_batch=False` submits it as given.
     """
 
@@ -28,11 +30,13 @@ class LLM(vllm.LLM):
                  kv_window: int | None = None, kv_sinks: int | None = None,
                  kv_interval: int | None = None, kv_prefill_mode: str | None = None,
                  kv_cache_replacement: str | None = None, kv_trace: str | None = None,
-                 kv_config: str | None = None, **kwargs: Any) -> None:
+                 kv_scheduling: str | None = None, kv_config: str | None = None,
+                 **kwargs: Any) -> None:
         explicit = {"kv_policy": kv_policy, "budget": budget, "kv_window": kv_window,
                     "kv_sinks": kv_sinks, "kv_interval": kv_interval,
                     "kv_prefill_mode": kv_prefill_mode,
-                    "kv_cache_replacement": kv_cache_replacement, "kv_trace": kv_trace}
+                    "kv_cache_replacement": kv_cache_replacement, "kv_trace": kv_trace,
+                    "kv_scheduling": kv_scheduling}
         settings = resolve_settings(kv_config, explicit)
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional.update(settings.to_additional_config())
@@ -52,7 +56,10 @@ class LLM(vllm.LLM):
         plan = plan_batch_for(token_ids, params, cache.block_size, cache.num_gpu_blocks)
         self.last_plan = plan
         if self.kv_settings.kv_cache_replacement == "predicted" and cache.enable_prefix_caching:
-            params = [_with_hint(p, bits) for p, bits in zip(params, plan.hints)]
+            params = [_with_extra(p, HINT_KEY, bits) for p, bits in zip(params, plan.hints)]
+        if self.kv_settings.kv_scheduling == "batch":
+            params = [_with_extra(p, GROUP_KEY, f"plan-{group}")
+                      for p, group in zip(params, plan.groups)]
         order = plan.order
 
         def reorder(values):
@@ -101,10 +108,10 @@ def _per_request(params, count: int) -> list[SamplingParams]:
     return list(params)
 
 
-def _with_hint(params: SamplingParams, bits: list[int]) -> SamplingParams:
-    """A copy with the plan's exact bits, unless the caller set its own hint."""
-    if HINT_KEY in (params.extra_args or {}):
+def _with_extra(params: SamplingParams, key: str, value: Any) -> SamplingParams:
+    """A copy with the plan's `value` for `key` in extra_args, unless the caller set one."""
+    if key in (params.extra_args or {}):
         return params
     params = params.clone()
-    params.extra_args = {**(params.extra_args or {}), HINT_KEY: bits}
+    params.extra_args = {**(params.extra_args or {}), key: value}
     return params

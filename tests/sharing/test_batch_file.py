@@ -53,6 +53,15 @@ def test_chat_requests_run_grouped_with_hints(tokenizer):
     assert all(set(bits) <= {0, 1} and bits for name, bits in hints.items() if name != "mine")
     without = planned_lines(lines, tokenizer, 32, hints=False)
     assert all("vllm_xargs" not in json.loads(line)["body"] for line in without)
+    grouped = [json.loads(line) for line in planned_lines(lines, tokenizer, 32, False, True)]
+    group_of = {r["custom_id"]: r["body"]["vllm_xargs"]["kv_group"] for r in grouped}
+    # One group per system prompt; no bits asked for, none sent.
+    by_system: dict[str, set] = {}
+    for name, group in group_of.items():
+        by_system.setdefault(name[:2], set()).add(group)
+    assert all(len(groups) == 1 for groups in by_system.values())
+    assert len(set(group_of.values())) == len(SYSTEMS)
+    assert all("kv_cache_hint" not in r["body"]["vllm_xargs"] for r in grouped)
 
 
 def test_answers_come_back_in_input_order():
@@ -63,10 +72,11 @@ def test_answers_come_back_in_input_order():
 
 
 def test_engine_flags_give_page_size_and_bits():
-    assert engine_flags([]) == (128, False)
+    assert engine_flags([]) == (128, False, False)
     flags = ["--kv-policy", "snapkv", "--kv-cache-replacement", "predicted"]
-    assert engine_flags(flags) == (32, True)
-    assert engine_flags(["--block-size", "16", "--kv-policy=none"]) == (16, False)
+    assert engine_flags(flags) == (32, True, False)
+    assert engine_flags(["--block-size", "16", "--kv-policy=none"]) == (16, False, False)
+    assert engine_flags(["--kv-scheduling", "batch"]) == (128, False, True)
 
 
 @pytest.mark.slow    # two `vllm run-batch` processes

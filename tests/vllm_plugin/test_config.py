@@ -198,3 +198,17 @@ def test_prefix_cache_replacement_flags(model_dir, tmp_path):
     assert "--kv-cache-replacement=predicted: needs prefix caching" in message
     with pytest.raises(SystemExit):
         serve_args(*base, "--kv-cache-replacement", "lfu")
+
+
+def test_batch_scheduling_flag(model_dir, capsys):
+    base = ("--model", str(model_dir))
+    config = engine_args_from_cli(*base, "--kv-scheduling", "vllm").create_engine_config()
+    assert "kvcompress" not in str(config.scheduler_config.scheduler_cls)
+    # Admission by peak pages needs no prefix cache (holding groups then has nothing to hold).
+    config = engine_args_from_cli(*base, "--kv-scheduling", "batch",
+                                  "--no-enable-prefix-caching").create_engine_config()
+    assert config.scheduler_config.scheduler_cls.endswith("PrefixCacheScheduler")
+    assert config.additional_config["kv_scheduling"] == "batch"
+    with pytest.raises(SystemExit):
+        serve_args(*base, "--kv-scheduling", "groups")
+    assert "invalid choice: 'groups'" in capsys.readouterr().err

@@ -141,6 +141,8 @@ def test_gauges_count_running_requests_then_go_idle(server, prompts):
     ({"kv_policy": "mikv", "kv_policy_args": "{oops"}, "must be a JSON object"),
     ({"kv_cache_hint": "forget"}, "allowed values: discard, keep"),
     ({"kv_cache_hint": [0, 2]}, "a list of 0/1 per prompt page"),
+    ({"kv_group": [1, 2]}, "invalid kv_group"),
+    ({"kv_group": ""}, "a non-empty string of at most 256 characters or an integer"),
 ])
 def test_bad_request_settings_are_http_400(server, extra, expected):
     with pytest.raises(urllib.error.HTTPError) as excinfo:

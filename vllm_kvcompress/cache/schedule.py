@@ -147,6 +147,30 @@ class CompressionSchedule:
         so a request in steady decode neither frees nor allocates pages."""
         return self.pages_for_step(num_computed, 1, prompt_len, compressed_at)
 
+    def peak_pages(self, prompt_len: int, final_len: int, num_computed: int = 0,
+                   compressed_at: int = 0) -> int:
+        """Most pages a request holds from `num_computed` processed tokens until it ends
+        with `final_len`, the rest of its prompt computed in one step and then one token
+        per step (chunked prefill only lowers it). What batch admission reserves.
+
+        Before the first compression the pages grow with the tokens and peak in the step
+        that compresses (survivors copied next to the full pages with `shared_prefix`);
+        after it they grow with the kept tokens, so the last step holds the most."""
+        peaks = []
+        if num_computed < prompt_len:
+            peaks.append(self.pages_for_step(num_computed, prompt_len - num_computed,
+                                             prompt_len, compressed_at))
+            if not compressed_at and self.should_compress(prompt_len, 0, prompt_len):
+                compressed_at = prompt_len
+            num_computed = prompt_len
+        if num_computed < final_len:
+            first = max(self.budget + self.interval, num_computed + 1)
+            if not compressed_at and first <= final_len:
+                peaks.append(self.pages_for_step(first - 1, 1, prompt_len, 0))
+                compressed_at = first
+            peaks.append(self.pages_for_step(final_len - 1, 1, prompt_len, compressed_at))
+        return max(peaks, default=0)
+
     def shared_pages(self, first_compressed_at: int) -> int:
         """Leading pages a `shared_prefix` request lets go after its first compression
         (its full pages then, which vLLM hashed); 0 without prefix sharing."""

@@ -3,7 +3,8 @@ format of `vllm run-batch`) run in its plan's order.
 
 The chat requests of INPUT are tokenized with the model's chat template, planned
 (batch_plan.py) and written in plan order, each with its page bits as `kv_cache_hint` in
-`vllm_xargs` when `--kv-cache-replacement predicted` is among the flags; vLLM's own
+`vllm_xargs` when `--kv-cache-replacement predicted` is among the flags, and its group as
+`kv_group` with `--kv-scheduling batch` (its shared prefix held until the group ends); vLLM's own
 `run-batch` answers that file (every OpenAI field, the same output format), and OUTPUT
 gets the answers in INPUT's order. Lines that are not chat completions (embeddings,
 transcriptions) go first, unplanned; lines vLLM's parser refuses (bad JSON, bad field
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_kvcompress.sharing.batch_plan import plan_batch
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
 from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 CHAT_URL = "/v1/chat/completions"
@@ -28,8 +30,9 @@ UNSET_MAX_TOKENS = 1024
 
 
 def planned_lines(lines: Sequence[str], tokenizer, page_tokens: int,
-                  hints: bool) -> list[str]:
-    """INPUT's lines in the order to run them, chat requests planned."""
+                  hints: bool, groups: bool = False) -> list[str]:
+    """INPUT's lines in the order to run them, chat requests planned (with their bits
+    and groups in vllm_xargs if `hints`, `groups`)."""
     chat, prompts, other = [], [], []
     for line in lines:
         prompt = _chat_prompt(line, tokenizer)
@@ -47,10 +50,13 @@ def planned_lines(lines: Sequence[str], tokenizer, page_tokens: int,
     out = list(other)
     for index in plan.order:
         line = chat[index]
-        if hints:
+        if hints or groups:
             request = json.loads(line)
             xargs = request["body"].setdefault("vllm_xargs", {})
-            xargs.setdefault(HINT_KEY, plan.hints[index])
+            if hints:
+                xargs.setdefault(HINT_KEY, plan.hints[index])
+            if groups:
+                xargs.setdefault(GROUP_KEY, f"plan-{plan.groups[index]}")
             line = json.dumps(request)
         out.append(line)
     return out
@@ -101,17 +107,20 @@ def in_input_order(input_lines: Sequence[str], output_lines: Sequence[str]) -> l
     return sorted(output_lines, key=key)
 
 
-def engine_flags(vllm_args: Sequence[str]) -> tuple[int, bool]:
-    """(page tokens, whether to send bits) from the flags passed on to vLLM: --block-size
-    if given, else 32 with compression and vLLM's CPU default of 128 without; bits with
-    --kv-cache-replacement predicted."""
+def engine_flags(vllm_args: Sequence[str]) -> tuple[int, bool, bool]:
+    """(page tokens, whether to send bits, whether to send groups) from the flags passed
+    on to vLLM: --block-size if given, else 32 with compression and vLLM's CPU default of
+    128 without; bits with --kv-cache-replacement predicted; groups with --kv-scheduling
+    batch."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--kv-policy", default="none")
     parser.add_argument("--kv-cache-replacement", default="lru")
+    parser.add_argument("--kv-scheduling", default="vllm")
     known, _ = parser.parse_known_args(list(vllm_args))
     page_tokens = known.block_size or (32 if known.kv_policy != "none" else 128)
-    return page_tokens, known.kv_cache_replacement == "predicted"
+    return (page_tokens, known.kv_cache_replacement == "predicted",
+            known.kv_scheduling == "batch")
 
 
 def run_batch_file(input_path: str, output_path: str, model: str, vllm_args: Sequence[str],
@@ -129,9 +138,9 @@ def run_batch_file(input_path: str, output_path: str, model: str, vllm_args: Seq
     valid = [line for n, line in numbered if n not in refused]
     answers: list[str] = []
     if valid:
-        page_tokens, hints = engine_flags(vllm_args)
+        page_tokens, hints, groups = engine_flags(vllm_args)
         tokenizer = AutoTokenizer.from_pretrained(model)
-        ordered = planned_lines(valid, tokenizer, page_tokens, hints) if plan else valid
+        ordered = planned_lines(valid, tokenizer, page_tokens, hints, groups) if plan else valid
         with tempfile.TemporaryDirectory() as folder:
             ordered_path, answers_path = Path(folder) / "in.jsonl", Path(folder) / "out.jsonl"
             ordered_path.write_text("\n".join(ordered) + "\n")

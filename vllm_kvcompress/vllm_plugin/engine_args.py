@@ -29,7 +29,7 @@ from vllm_kvcompress.vllm_plugin.metrics import collect_engine_processes
 
 # argparse dest -> KVCompressConfig field (same names: the flags map 1:1).
 FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode",
-               "kv_cache_replacement", "kv_trace")
+               "kv_cache_replacement", "kv_trace", "kv_scheduling")
 
 
 def add_compression_flags(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +73,12 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--kv-trace", default=None, metavar="FILE.jsonl",
         help="Append every admitted request's page-hash chain to FILE "
         "(the format `vllm-kvcompress cache-sim` replays).",
+    )
+    group.add_argument(
+        "--kv-scheduling", choices=("vllm", "batch"), default=None,
+        help="Admission: vllm (default, as many requests as fit now) or batch (by the KV "
+        "pages each request needs at its peak, so nothing is preempted; a kv_group's "
+        "shared prefix is held until its last member ends).",
     )
     group.add_argument(
         "--kv-config", default=None, metavar="FILE.yaml",

@@ -50,17 +50,20 @@ def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig,
 
 
 def enable_prefix_cache_plugin(vllm_config: VllmConfig, settings: KVCompressConfig) -> None:
-    """Compression off, prefix-cache replacement or tracing on: only the scheduler changes."""
+    """Compression off, prefix-cache replacement, tracing or batch scheduling on: only the
+    scheduler changes."""
     _check_replacement(vllm_config, settings)
     # Bits and lookups are matched to requests between steps; one step at a time.
     vllm_config.scheduler_config.async_scheduling = False
     vllm_config.scheduler_config.scheduler_cls = PREFIX_CACHE_SCHEDULER_CLS
-    logger.info("vllm-kvcompress: prefix-cache replacement %s%s", settings.kv_cache_replacement,
+    logger.info("vllm-kvcompress: prefix-cache replacement %s, %s scheduling%s",
+                settings.kv_cache_replacement, settings.kv_scheduling,
                 f", tracing lookups to {settings.kv_trace}" if settings.kv_trace else "")
 
 
 def _check_replacement(vllm_config: VllmConfig, settings: KVCompressConfig) -> None:
-    if settings.prefix_cache_plugin and not vllm_config.cache_config.enable_prefix_caching:
+    needs_cache = settings.kv_cache_replacement != "lru" or settings.kv_trace is not None
+    if needs_cache and not vllm_config.cache_config.enable_prefix_caching:
         flag = ("--kv-trace" if settings.kv_cache_replacement == "lru"
                 else f"--kv-cache-replacement={settings.kv_cache_replacement}")
         raise KVCompressConfigError(f"{flag}: needs prefix caching, which is off "

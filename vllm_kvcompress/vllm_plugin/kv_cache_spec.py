@@ -65,6 +65,10 @@ class CompressedAttentionManager(FullAttentionManager):
         self._compressed_at: dict[str, int] = {}
         self.pages_released = 0
 
+    def compressed_at(self, request_id: str) -> int:
+        """Tokens processed at the request's first compression since it (re)started; 0: none."""
+        return self._compressed_at.get(request_id, 0)
+
     def num_live_pages(self, request_id: str) -> int:
         return sum(not block.is_null for block in self.req_to_blocks.get(request_id, ()))
 

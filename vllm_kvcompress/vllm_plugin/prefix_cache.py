@@ -13,6 +13,7 @@ chain and how many pages hit), one bit per page when the request's pages are rel
 `--kv-trace` in the format `vllm-kvcompress cache-sim` replays. A hint is "discard" or
 "keep" for every page of the request, or a list of 0/1, one per prompt page (1 = discard;
 what a driver that knows the whole batch computes, `sharing.predictors.exact_hints`).
+Batch admission and group holding (`--kv-scheduling batch`) are BatchScheduler's, below.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 from prometheus_client import Counter
 from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
-from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, OnlinePredictor, valid_hint
 from vllm_kvcompress.sharing.replacement import ReplacementPolicy, chain_bits, make_replacement
+from vllm_kvcompress.vllm_plugin.batch_scheduler import BatchScheduler
 from vllm_kvcompress.vllm_plugin.metrics import _metric
 from vllm_kvcompress.vllm_plugin.request_settings import server_settings
 
@@ -92,7 +93,7 @@ class PredictedFreeBlockQueue(FreeKVCacheBlockQueue):
             self.policy.release(block.block_id, None if bit is None else bool(bit))
 
 
-class PrefixCacheScheduler(Scheduler):
+class PrefixCacheScheduler(BatchScheduler):
     def __init__(self, vllm_config, kv_cache_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         settings = server_settings(vllm_config)
@@ -161,6 +162,15 @@ class PrefixCacheScheduler(Scheduler):
         super()._free_request_blocks(request)
         for block_id in given:       # still shared with a running request: no release yet
             self.free_queue.bits.pop(block_id, None)
+
+    def release_held(self, blocks: list) -> None:
+        # No member of the group is left to read them: they go first.
+        if self.free_queue is not None:
+            self.free_queue.bits.update({block.block_id: 1 for block in blocks})
+        super().release_held(blocks)
+        if self.free_queue is not None:
+            for block in blocks:    # still shared with a running request: no release yet
+                self.free_queue.bits.pop(block.block_id, None)
 
     def _request_blocks(self, request_id: str) -> list:
         managers = self.kv_cache_manager.coordinator.single_type_managers

@@ -12,6 +12,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY, valid_group
 from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
     REQUEST_KEYS,
@@ -28,6 +29,12 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
             f"invalid {HINT_KEY} in vllm_xargs: {hint!r}; allowed values: "
             f"{', '.join(HINTS)}, or a list of 0/1 per prompt page",
             parameter="vllm_xargs", value={HINT_KEY: hint})
+    group = (params.extra_args or {}).get(GROUP_KEY)
+    if group is not None and not valid_group(group):
+        raise VLLMValidationError(
+            f"invalid {GROUP_KEY} in vllm_xargs: {group!r}; allowed values: a non-empty "
+            "string of at most 256 characters or an integer",
+            parameter="vllm_xargs", value={GROUP_KEY: group})
     given = {k: v for k, v in (params.extra_args or {}).items() if k in REQUEST_KEYS}
     if not given:
         return

@@ -77,6 +77,14 @@ class KVCompressScheduler(PrefixCacheScheduler):
             num_hit = allowed
         return blocks, num_hit, *rest
 
+    def peak_pages(self, request) -> int:
+        schedule = self.compressed_manager.schedules.get(request.request_id)
+        if schedule is None:
+            return super().peak_pages(request)
+        final = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+        return schedule.peak_pages(request.num_prompt_tokens, final, request.num_computed_tokens,
+                                   self.compressed_manager.compressed_at(request.request_id))
+
     def _free_request(self, request, *args, **kwargs):
         self.compressed_manager.schedules.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
