@@ -60,6 +60,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kv-pages", type=int, default=128, help="KV cache, pages of 32")
     parser.add_argument("--compression-rate", type=int, default=8)
     parser.add_argument("--policy", default="snapkv")
+    parser.add_argument("--interval", type=int, default=16,
+                        help="--kv-interval of the compressed rows (tokens between compressions)")
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2,
@@ -147,7 +149,7 @@ def main() -> None:
     shuffled = list(range(len(prompts)))
     planned = {"kv_cache_replacement": "predicted"}
     batch = {**planned, "kv_scheduling": "batch"}
-    compressed = {"kv_policy": args.policy, "budget": budget}
+    compressed = {"kv_policy": args.policy, "budget": budget, "kv_interval": args.interval}
     cr = f"{args.policy} CR {args.compression_rate}"
     settings = [
         ("stock vLLM, shuffled", shuffled, {}, None),
