@@ -4,8 +4,8 @@ format of `vllm run-batch`) run in its plan's order.
 The chat requests of INPUT are tokenized with the model's chat template, planned
 (batch_plan.py) and written in plan order, each with its page bits as `kv_cache_hint` in
 `vllm_xargs` when `--kv-cache-replacement predicted` is among the flags, and its group as
-`kv_group` with `--kv-scheduling batch` (its shared prefix held until the group ends); vLLM's own
-`run-batch` answers that file (every OpenAI field, the same output format), and OUTPUT
+`kv_group` with `--kv-scheduling batch` (shared pages held for the members still to run);
+vLLM's own `run-batch` answers that file (every OpenAI field, the same output format), and OUTPUT
 gets the answers in INPUT's order. Lines that are not chat completions (embeddings,
 transcriptions) go first, unplanned; lines vLLM's parser refuses (bad JSON, bad field
 types), which would stop vLLM's whole batch, get an error line with their line number.

@@ -1,10 +1,12 @@
 """vLLM's scheduler with compressed-KV accounting (engine core process).
 
-On top of the prefix-cache replacement and trace (prefix_cache.py), only three things
-change: the KV manager of our spec learns each request's compression schedule when the
-request arrives, prefix-cache hits leave a compressed request the prompt tokens its policy
-must see the queries of, and a few counters are kept for metrics and tests. Allocation
-itself stays vLLM's, through CompressedAttentionManager.
+On top of the prefix-cache replacement and trace (prefix_cache.py) and batch scheduling
+(batch_scheduler.py), only four things change: the KV manager of our spec learns each
+request's compression schedule when the request arrives, prefix-cache hits leave a
+compressed request the prompt tokens its policy must see the queries of, batch admission
+reserves a compressed request's bound instead of its whole context, and a few counters
+are kept for metrics and tests. Allocation itself stays vLLM's, through
+CompressedAttentionManager.
 """
 
 from __future__ import annotations
