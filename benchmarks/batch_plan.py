@@ -41,8 +41,6 @@ from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
 from vllm_kvcompress.cpu_features import default_dtype
 from vllm_kvcompress.llm import plan_batch_for
 from vllm_kvcompress.sharing.batch_plan import BatchPlan
-from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
-from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 PAGE_TOKENS = 32
 
@@ -104,9 +102,8 @@ def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
         for i in order:
             extra = None
             if plan is not None:    # what vllm_kvcompress.LLM.generate sends
-                extra = {HINT_KEY: plan.hints[i]}
-                if config.get("kv_scheduling") == "batch":
-                    extra[GROUP_KEY] = f"plan-{plan.groups[i]}"
+                extra = plan.extra_args(i, hints=True,
+                                        groups=config.get("kv_scheduling") == "batch")
             params = SamplingParams(max_tokens=outputs[i], temperature=0, ignore_eos=True,
                                     extra_args=extra)
             engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, params)

@@ -84,11 +84,15 @@ class KVCompressConfig(BaseModel):
         return self.kv_policy != "none"
 
     @property
+    def needs_prefix_cache(self) -> bool:
+        """Replacement or tracing on: both act on vLLM's prefix cache."""
+        return self.kv_cache_replacement != "lru" or self.kv_trace is not None
+
+    @property
     def prefix_cache_plugin(self) -> bool:
         """Our scheduler is needed even without compression (replacement, trace or batch
         scheduling on)."""
-        return (self.kv_cache_replacement != "lru" or self.kv_trace is not None
-                or self.kv_scheduling != "vllm")
+        return self.needs_prefix_cache or self.kv_scheduling != "vllm"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> KVCompressConfig:

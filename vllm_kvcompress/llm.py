@@ -11,8 +11,6 @@ from vllm import SamplingParams
 
 from vllm_kvcompress.config import resolve_settings
 from vllm_kvcompress.sharing.batch_plan import BatchPlan, plan_batch
-from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
-from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 
 class LLM(vllm.LLM):
@@ -55,11 +53,10 @@ class LLM(vllm.LLM):
         cache = self.llm_engine.vllm_config.cache_config
         plan = plan_batch_for(token_ids, params, cache.block_size, cache.num_gpu_blocks)
         self.last_plan = plan
-        if self.kv_settings.kv_cache_replacement == "predicted" and cache.enable_prefix_caching:
-            params = [_with_extra(p, HINT_KEY, bits) for p, bits in zip(params, plan.hints)]
-        if self.kv_settings.kv_scheduling == "batch":
-            params = [_with_extra(p, GROUP_KEY, f"plan-{group}")
-                      for p, group in zip(params, plan.groups)]
+        hints = (self.kv_settings.kv_cache_replacement == "predicted"
+                 and cache.enable_prefix_caching)
+        groups = self.kv_settings.kv_scheduling == "batch"
+        params = [_with_extra(p, plan.extra_args(i, hints, groups)) for i, p in enumerate(params)]
         order = plan.order
 
         def reorder(values):
@@ -108,10 +105,11 @@ def _per_request(params, count: int) -> list[SamplingParams]:
     return list(params)
 
 
-def _with_extra(params: SamplingParams, key: str, value: Any) -> SamplingParams:
-    """A copy with the plan's `value` for `key` in extra_args, unless the caller set one."""
-    if key in (params.extra_args or {}):
+def _with_extra(params: SamplingParams, extra: dict[str, Any]) -> SamplingParams:
+    """A copy with the plan's `extra` in extra_args, where the caller set no value."""
+    own = params.extra_args or {}
+    if all(key in own for key in extra):
         return params
     params = params.clone()
-    params.extra_args = {**(params.extra_args or {}), key: value}
+    params.extra_args = {**extra, **own}
     return params

@@ -21,8 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vllm_kvcompress.sharing.batch_plan import plan_batch
-from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
-from vllm_kvcompress.sharing.predictors import HINT_KEY
 
 CHAT_URL = "/v1/chat/completions"
 # Without max_tokens a chat answer may run to max_model_len: rank it as decode-heavy.
@@ -50,13 +48,11 @@ def planned_lines(lines: Sequence[str], tokenizer, page_tokens: int,
     out = list(other)
     for index in plan.order:
         line = chat[index]
-        if hints or groups:
+        extra = plan.extra_args(index, hints, groups)
+        if extra:
             request = json.loads(line)
-            xargs = request["body"].setdefault("vllm_xargs", {})
-            if hints:
-                xargs.setdefault(HINT_KEY, plan.hints[index])
-            if groups:
-                xargs.setdefault(GROUP_KEY, f"plan-{plan.groups[index]}")
+            body = request["body"]
+            body["vllm_xargs"] = {**extra, **body.get("vllm_xargs", {})}   # the caller's win
             line = json.dumps(request)
         out.append(line)
     return out

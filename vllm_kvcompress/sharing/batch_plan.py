@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from vllm_kvcompress.sharing.predictors import exact_hints
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
+from vllm_kvcompress.sharing.predictors import HINT_KEY, exact_hints
 
 
 @dataclass
@@ -35,6 +37,16 @@ class BatchPlan:
     @property
     def num_groups(self) -> int:
         return len(set(self.groups))
+
+    def extra_args(self, index: int, hints: bool, groups: bool) -> dict[str, Any]:
+        """What a driver sends with request `index` (vllm_xargs): its exact bits as
+        kv_cache_hint if `hints`, its group as kv_group if `groups`."""
+        extra: dict[str, Any] = {}
+        if hints:
+            extra[HINT_KEY] = self.hints[index]
+        if groups:
+            extra[GROUP_KEY] = f"plan-{self.groups[index]}"
+        return extra
 
 
 def plan_batch(prompts: Sequence[Sequence[int]], max_tokens: Sequence[int],

@@ -56,8 +56,7 @@ class BatchScheduler(Scheduler):
         if limit <= 0 or not self.waiting:
             return 0
         pool = self.kv_cache_manager.block_pool
-        reserved = sum(max(self.peak_pages(r) - self.live_pages(r.request_id), 0)
-                       for r in self.running)
+        reserved = sum(max(self.peak_pages(r) - self.live_pages(r), 0) for r in self.running)
 
         def candidates():
             for request in self.waiting:
@@ -77,15 +76,23 @@ class BatchScheduler(Scheduler):
             return self._num_admissible(limit)
         return 1        # larger than all of memory: it runs alone (vLLM's checks apply)
 
-    def peak_pages(self, request) -> int:
-        """Pages the request holds at its peak from where it is now: its prompt and
-        max_tokens outputs (a compressing scheduler counts its bound instead)."""
-        final = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-        return -(-final // self.block_size)
+    def final_len(self, request) -> int:
+        """Tokens the request holds when it ends: its prompt and max_tokens outputs."""
+        return min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
 
-    def live_pages(self, request_id: str) -> int:
+    def peak_pages(self, request) -> int:
+        """Pages the request holds at its peak from where it is now (a compressing
+        scheduler counts its bound instead)."""
+        return -(-self.final_len(request) // self.block_size)
+
+    def live_pages(self, request) -> int:
+        return sum(not block.is_null for block in self.request_blocks(request.request_id))
+
+    def request_blocks(self, request_id: str) -> list:
+        """The request's page list (released entries are null); [] with several KV cache
+        groups, which compression refuses and replacement leaves to vLLM."""
         managers = self.kv_cache_manager.coordinator.single_type_managers
-        return sum(not block.is_null for block in managers[0].req_to_blocks.get(request_id, ()))
+        return list(managers[0].req_to_blocks.get(request_id, ())) if len(managers) == 1 else []
 
     def _free_request_blocks(self, request) -> None:
         if self.batch_scheduling:
@@ -96,12 +103,13 @@ class BatchScheduler(Scheduler):
         result = super()._free_request(request, *args, **kwargs)
         group = self.members.group_of.get(request.request_id)
         done = self.members.remove(request.request_id)
-        held = self.held.get(group, {})
-        blocks = [held.pop(page) for page in done if page in held]
-        if group in self.held and not held:
-            del self.held[group]
-        if blocks:
-            self.release_held(blocks)
+        held = self.held.get(group)
+        if held is not None:
+            blocks = [held.pop(page) for page in done if page in held]
+            if not held:
+                del self.held[group]
+            if blocks:
+                self.release_held(blocks)
         return result
 
     def _hold_shared_pages(self, request) -> None:
@@ -125,7 +133,7 @@ class BatchScheduler(Scheduler):
 
     @property
     def num_held_pages(self) -> int:
-        return len({id(block) for blocks in self.held.values() for block in blocks.values()})
+        return len({block.block_id for blocks in self.held.values() for block in blocks.values()})
 
 
 def request_group(request) -> Hashable | None:

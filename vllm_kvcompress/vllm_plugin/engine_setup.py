@@ -62,8 +62,7 @@ def enable_prefix_cache_plugin(vllm_config: VllmConfig, settings: KVCompressConf
 
 
 def _check_replacement(vllm_config: VllmConfig, settings: KVCompressConfig) -> None:
-    needs_cache = settings.kv_cache_replacement != "lru" or settings.kv_trace is not None
-    if needs_cache and not vllm_config.cache_config.enable_prefix_caching:
+    if settings.needs_prefix_cache and not vllm_config.cache_config.enable_prefix_caching:
         flag = ("--kv-trace" if settings.kv_cache_replacement == "lru"
                 else f"--kv-cache-replacement={settings.kv_cache_replacement}")
         raise KVCompressConfigError(f"{flag}: needs prefix caching, which is off "

@@ -19,6 +19,7 @@ Batch admission and group holding (`--kv-scheduling batch`) are BatchScheduler's
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Any
 
 from prometheus_client import Counter
@@ -149,7 +150,7 @@ class PrefixCacheScheduler(BatchScheduler):
         bits = self._bits.pop(request.request_id, None)
         if self.free_queue is None:
             return super()._free_request_blocks(request)
-        blocks = self._request_blocks(request.request_id)
+        blocks = self.request_blocks(request.request_id)
         # Pages past the prompt's full pages (the answer, the next turn's prefix) take the
         # last prompt page's bit.
         bits = bits or hint_bits(request, len(blocks)) or []
@@ -158,23 +159,25 @@ class PrefixCacheScheduler(BatchScheduler):
             bit = bits[min(index, len(bits) - 1)] if bits else None
             if not block.is_null and bit is not None:
                 given[block.block_id] = bit
-        self.free_queue.bits.update(given)
-        super()._free_request_blocks(request)
-        for block_id in given:       # still shared with a running request: no release yet
-            self.free_queue.bits.pop(block_id, None)
+        with self._bits_for_release(given):
+            super()._free_request_blocks(request)
 
     def release_held(self, blocks: list) -> None:
+        if self.free_queue is None:
+            return super().release_held(blocks)
         # No member of the group is left to read them: they go first.
-        if self.free_queue is not None:
-            self.free_queue.bits.update({block.block_id: 1 for block in blocks})
-        super().release_held(blocks)
-        if self.free_queue is not None:
-            for block in blocks:    # still shared with a running request: no release yet
-                self.free_queue.bits.pop(block.block_id, None)
+        with self._bits_for_release({block.block_id: 1 for block in blocks}):
+            super().release_held(blocks)
 
-    def _request_blocks(self, request_id: str) -> list:
-        managers = self.kv_cache_manager.coordinator.single_type_managers
-        return list(managers[0].req_to_blocks.get(request_id, ())) if len(managers) == 1 else []
+    @contextmanager
+    def _bits_for_release(self, bits: dict[int, int]):
+        """`bits` (block id -> bit) wait in the queue for the pages freed inside."""
+        self.free_queue.bits.update(bits)
+        try:
+            yield
+        finally:
+            for block_id in bits:   # still shared with a running request: no release yet
+                self.free_queue.bits.pop(block_id, None)
 
 
 def hint_bits(request, num_pages: int) -> list[int | None] | None:

@@ -20,21 +20,21 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
     server_settings,
 )
 
+# Request keys read by the scheduler, not the compression settings: key, check, allowed.
+SCHEDULING_HINTS = (
+    (HINT_KEY, valid_hint, f"{', '.join(HINTS)}, or a list of 0/1 per prompt page"),
+    (GROUP_KEY, valid_group, "a non-empty string of at most 256 characters or an integer"),
+)
+
 
 def validate_request(vllm_config, params: SamplingParams) -> None:
     """Raise VLLMValidationError if the request's compression overrides are invalid."""
-    hint = (params.extra_args or {}).get(HINT_KEY)
-    if hint is not None and not valid_hint(hint):
-        raise VLLMValidationError(
-            f"invalid {HINT_KEY} in vllm_xargs: {hint!r}; allowed values: "
-            f"{', '.join(HINTS)}, or a list of 0/1 per prompt page",
-            parameter="vllm_xargs", value={HINT_KEY: hint})
-    group = (params.extra_args or {}).get(GROUP_KEY)
-    if group is not None and not valid_group(group):
-        raise VLLMValidationError(
-            f"invalid {GROUP_KEY} in vllm_xargs: {group!r}; allowed values: a non-empty "
-            "string of at most 256 characters or an integer",
-            parameter="vllm_xargs", value={GROUP_KEY: group})
+    for key, valid, allowed in SCHEDULING_HINTS:
+        value = (params.extra_args or {}).get(key)
+        if value is not None and not valid(value):
+            raise VLLMValidationError(
+                f"invalid {key} in vllm_xargs: {value!r}; allowed values: {allowed}",
+                parameter="vllm_xargs", value={key: value})
     given = {k: v for k, v in (params.extra_args or {}).items() if k in REQUEST_KEYS}
     if not given:
         return

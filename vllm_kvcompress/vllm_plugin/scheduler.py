@@ -37,7 +37,6 @@ class KVCompressScheduler(PrefixCacheScheduler):
         spec = self.compressed_manager.kv_cache_spec
         self.head_size, self.dtype = spec.head_size, spec.dtype
         self.num_layers = vllm_config.model_config.get_total_num_hidden_layers()
-        self.max_model_len = vllm_config.model_config.max_model_len
         self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
         # Counters for tests and benchmarks.
         self.max_running = 0
@@ -83,8 +82,8 @@ class KVCompressScheduler(PrefixCacheScheduler):
         schedule = self.compressed_manager.schedules.get(request.request_id)
         if schedule is None:
             return super().peak_pages(request)
-        final = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-        return schedule.peak_pages(request.num_prompt_tokens, final, request.num_computed_tokens,
+        return schedule.peak_pages(request.num_prompt_tokens, self.final_len(request),
+                                   request.num_computed_tokens,
                                    self.compressed_manager.compressed_at(request.request_id))
 
     def _free_request(self, request, *args, **kwargs):
