@@ -9,6 +9,7 @@ import sys
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
 from vllm_kvcompress.eval.command import add_eval_parser
 from vllm_kvcompress.sharing.cache_sim_command import add_cache_parsers
+from vllm_kvcompress.training.command import add_train_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     add_eval_parser(commands)
     add_cache_parsers(commands)
+    add_train_parser(commands)
 
     batch = commands.add_parser(
         "ray-batch", help="answer a JSONL of prompts on Ray Data actors (vllm_kvcompress.LLM)",
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_kvcompress.sharing.cache_sim_command import run_cache_command
 
         return run_cache_command(args, parser)
+    elif args.command == "train":
+        from vllm_kvcompress.training.command import run_train
+
+        return run_train(args)
     elif args.command == "eval":
         from vllm_kvcompress.eval.command import run_eval
 

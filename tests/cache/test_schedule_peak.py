@@ -55,3 +55,41 @@ def test_peak_pages_of_a_running_request_counts_only_what_is_ahead(schedule):
 def test_uncompressed_growth_is_every_token():
     schedule = CompressionSchedule(budget=10_000, interval=16, block_size=32)
     assert schedule.peak_pages(100, 228) == 8            # ceil(228 / 32)
+
+
+def replayed_chunked_peak(schedule: CompressionSchedule, prompt_len: int, final_len: int,
+                          chunk: int) -> int:
+    """The largest pages_for_step with the prompt in steps of `chunk` tokens."""
+    peak, computed, compressed_at = 0, 0, 0
+    while computed < final_len:
+        scheduled = min(chunk, prompt_len - computed) if computed < prompt_len else 1
+        peak = max(peak, schedule.pages_for_step(computed, scheduled, prompt_len, compressed_at))
+        computed += scheduled
+        if not compressed_at and schedule.should_compress(computed, 0, prompt_len):
+            compressed_at = computed
+    return peak
+
+
+CHUNKED = [CompressionSchedule(budget=64, interval=16, block_size=32, prefill_mode="chunked"),
+           CompressionSchedule(budget=64, interval=16, block_size=32, prefill_mode="chunked",
+                               second_tier="low_bit", tier_slots_per_block=96, low_cap=300)]
+
+
+@pytest.mark.parametrize("schedule", CHUNKED, ids=lambda s: s.second_tier or "plain")
+@settings(max_examples=60, deadline=None)
+@given(prompt_len=st.integers(1, 3000), extra=st.integers(1, 200), chunk=st.integers(1, 512))
+def test_chunked_peak_pages_bounds_every_step_whatever_the_length(schedule, prompt_len, extra,
+                                                                  chunk):
+    final_len = prompt_len + extra
+    bound = schedule.chunked_peak_pages(chunk, final_len)
+    assert replayed_chunked_peak(schedule, prompt_len, final_len, chunk) <= bound
+    # Past one compression's worth, the bound does not grow with the length (without a
+    # tier that grows with it).
+    if schedule.second_tier is None and final_len >= 2 * (schedule.budget + schedule.interval + chunk):
+        assert bound == schedule.chunked_peak_pages(chunk, 10 * final_len)
+
+
+def test_chunked_peak_pages_is_reached():
+    schedule = CHUNKED[0]
+    assert replayed_chunked_peak(schedule, 4000, 4010, 256) == \
+        schedule.chunked_peak_pages(256, 4010) < 4000 // 32

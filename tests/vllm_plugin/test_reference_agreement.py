@@ -2,7 +2,8 @@
 policy and budget -> the same kept token positions in every stream and tier and the same
 greedy tokens. All requests share one batch, so its steps attend in parts: vLLM's CPU
 kernel for the policies that read no accumulated attention, the torch path (with score
-emission) for those that do, and the torch path over both tiers for mikv and think."""
+emission) for those that do, and the torch path over both tiers for mikv and think.
+locret's slots carry its retaining heads' scores, computed on both paths as K/V are written."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from vllm_kvcompress.vllm_plugin import runtime_registry
 from vllm_kvcompress.vllm_plugin.runtime import CompressionRuntime, TorchRoute
 
 POLICIES = ("ems", "snapkv", "h2o", "streaming", "pyramidkv", "adakv", "kvmerger", "d2o", "cam",
-            "elastic", "think", "mikv")
+            "elastic", "think", "mikv", "locret")
 # Variants sent with per-request kv_policy_args: the narrow tier under a policy that
 # accumulates attention (its rows get scores too), the low-bit tier with a cap.
 VARIANTS = {"think+h2o": ("think", {"base": "h2o"}),
@@ -108,19 +109,27 @@ def worker_kept_positions(request_id: str) -> list[list[list[torch.Tensor]]]:
 
 @pytest.fixture(scope="module")
 def prefilled(model_dir, prompts):
-    """The reference runner and each prompt prefilled once (generate() forks it)."""
+    """The reference runner and prefill(prompt index, scorer): each prompt prefilled once
+    per trained scorer its policies write with (generate() forks it)."""
     runner = ReferenceRunner(model_dir)
     settings = [Setting(spec(case)[0], BUDGET, options=spec(case)[1]) for case, _ in CASES]
     window = max(ActivePolicy.from_setting(setting).window for setting in settings)
-    return runner, [runner.prefill(prompt, window=window) for prompt in prompts]
+    states = {}
+
+    def prefill(index: int, scorer):
+        if (index, id(scorer)) not in states:
+            states[index, id(scorer)] = runner.prefill(prompts[index], window=window, scorer=scorer)
+        return states[index, id(scorer)]
+
+    return runner, prefill
 
 
 @pytest.mark.parametrize(("case", "index"), CASES)
 def test_vllm_keeps_what_the_reference_runner_keeps(prefilled, vllm_results, case, index):
-    runner, states = prefilled
+    runner, prefill = prefilled
     name, options = spec(case)
     active = ActivePolicy.from_setting(Setting(name, BUDGET, interval=INTERVAL, options=options))
-    generation = runner.generate(states[index], MAX_TOKENS, active)
+    generation = runner.generate(prefill(index, active.policy.write_scorer), MAX_TOKENS, active)
     expected = [generation.state.kept_positions()]
     if active.policy.second_tier_for(BUDGET, runner.kv_shape.head_size) is not None:
         expected.append(generation.state.second_tier_positions())

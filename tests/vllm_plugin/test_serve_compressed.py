@@ -62,7 +62,7 @@ def test_budget_above_context_matches_stock(server, prompts, stock):
     stock_texts = stock["texts"]
     # Per-request budget beyond every context: nothing is evicted, outputs are stock's.
     assert complete_all(server, prompts, {"budget": 4000}) == stock_texts
-    for policy in ("mikv", "think"):
+    for policy in ("mikv", "think", "locret"):
         assert complete_all(server, prompts, {"kv_policy": policy, "budget": 4000}) == stock_texts
 
 
@@ -142,6 +142,8 @@ def test_gauges_count_running_requests_then_go_idle(server, prompts):
     ({"kv_cache_hint": "forget"}, "allowed values: discard, keep"),
     ({"kv_cache_hint": [0, 2]}, "a list of 0/1 per prompt page"),
     ({"kv_group": [1, 2]}, "invalid kv_group"),
+    ({"kv_policy": "locret", "kv_policy_args": '{"weights": "/etc/hostname"}'},
+     "not allowed per request"),
     ({"kv_group": ""}, "a non-empty string of at most 256 characters or an integer"),
 ])
 def test_bad_request_settings_are_http_400(server, extra, expected):

@@ -171,6 +171,20 @@ class CompressionSchedule:
             peaks.append(self.pages_for_step(final_len - 1, 1, prompt_len, compressed_at))
         return max(peaks, default=0)
 
+    def chunked_peak_pages(self, chunk: int, max_len: int) -> int:
+        """Most pages a request of at most `max_len` tokens holds in `chunked` prefill mode
+        when no step brings more than `chunk` tokens: before its first compression it
+        holds fewer than budget + interval + chunk tokens; after it, the kept tokens plus a
+        step's (and a second tier, which grows with the tokens seen: hence max_len)."""
+        assert self.prefill_mode == "chunked" and not self.shared_prefix
+        first = self.budget + self.interval
+        before = _cdiv(min(first - 1 + chunk, max_len), self.block_size)
+        if max_len < first:
+            return before
+        after = self.pages_for_step(max(first, max_len - chunk), min(chunk, max_len - first),
+                                    max_len, compressed_at=first)
+        return max(before, after)
+
     def shared_pages(self, first_compressed_at: int) -> int:
         """Leading pages a `shared_prefix` request lets go after its first compression
         (its full pages then, which vLLM hashed); 0 without prefix sharing."""

@@ -81,10 +81,12 @@ class LayerStreams:
         low = None if self.low is None else TierView(*(x.clone() for x in vars(self.low).values()))
         return LayerStreams(**copies, low=low)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               scores: torch.Tensor | None = None) -> None:
         """Write S new tokens after each stream's live slots.
 
-        keys, values: [H, S, D]; positions: [S] int64.
+        keys, values: [H, S, D]; positions: [S] int64; scores: [H, S] float32 their
+        initial acc_scores (a trained scorer's), None for zeros.
         """
         new = keys.shape[1]
         if self.max_length + new > self.capacity:
@@ -94,7 +96,7 @@ class LayerStreams:
         self.keys[heads, slots] = keys.to(self.keys.dtype)
         self.values[heads, slots] = values.to(self.values.dtype)
         self.positions[heads, slots] = positions[None, :]
-        self.acc_scores[heads, slots] = 0.0
+        self.acc_scores[heads, slots] = 0.0 if scores is None else scores.float()
         self.lengths += new
 
     def push_queries(self, queries: torch.Tensor, positions: torch.Tensor) -> None:

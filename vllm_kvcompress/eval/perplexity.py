@@ -44,7 +44,9 @@ def perplexity_check(runner: ReferenceRunner, token_ids: Sequence[int], prefix: 
     results = [_result(Setting(), dense.nll, 1.0, 1.0)]
     on_result(results[0])
     for active in actives.values():
-        forced = runner.teacher_force(prefilled, targets, active)
+        scorer = active.policy.write_scorer
+        start = prefilled if scorer is None else runner.prefill(token_ids[:prefix], window, scorer)
+        forced = runner.teacher_force(start, targets, active)
         agreement = float((forced.argmax == dense.argmax).float().mean())
         memory = runner.memory(forced.state, active)
         results.append(_result(active.setting, forced.nll, agreement, memory.fraction))

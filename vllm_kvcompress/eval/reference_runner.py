@@ -103,13 +103,14 @@ class ReferenceRunner:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text).input_ids)
 
-    def prefill(self, token_ids: Sequence[int], window: int = 0) -> RequestState:
-        """Run the whole prompt with full KV; keep the last `window` queries per head."""
+    def prefill(self, token_ids: Sequence[int], window: int = 0, scorer=None) -> RequestState:
+        """Run the whole prompt with full KV; keep the last `window` queries per head.
+        scorer: a policy's write_scorer, whose scores the slots then hold."""
         layers = [LayerStreams.empty(self.num_kv_heads, self.group, self.head_size, window,
                                      capacity=len(token_ids), dtype=self.model.dtype)
                   for _ in range(self.num_layers)]
         state = RequestState(layers=layers, prompt_len=len(token_ids), num_tokens=0,
-                             next_logits=torch.empty(0))
+                             next_logits=torch.empty(0), scorer=scorer)
         self._forward(state, list(token_ids))
         state.layer_densities = torch.stack(
             [attention_density(layer.acc_scores, layer.lengths, self.num_kv_heads)
@@ -126,7 +127,7 @@ class ReferenceRunner:
         for index, layer in enumerate(state.layers):
             window = policy.query_window if policy.needs_window_queries else None
             batch = layer.stream_batch(index, self.num_layers, self.scale, window)
-            if not policy.needs_accumulated:
+            if not policy.needs_accumulated and policy.write_scorer is None:
                 batch.acc_scores.zero_()  # as vLLM, which does not track it then
             if policy.needs_layer_densities:
                 batch.layer_densities = state.layer_densities
@@ -143,7 +144,7 @@ class ReferenceRunner:
     def generate(self, prefilled: RequestState, max_new_tokens: int,
                  active: ActivePolicy | None = None) -> Generation:
         """Greedy decode from a fork of `prefilled`; `active` None = full KV."""
-        self._check_window(prefilled, active)
+        self._check_prefill(prefilled, active)
         state = prefilled.fork()
         self.maybe_compress(state, active)
         token_ids: list[int] = []
@@ -160,7 +161,7 @@ class ReferenceRunner:
     def teacher_force(self, prefilled: RequestState, targets: Sequence[int],
                       active: ActivePolicy | None = None) -> TeacherForcing:
         """Feed `targets` one by one after `prefilled`, scoring each before it is fed."""
-        self._check_window(prefilled, active)
+        self._check_prefill(prefilled, active)
         state = prefilled.fork()
         self.maybe_compress(state, active)
         nll, argmax = [], []
@@ -179,9 +180,13 @@ class ReferenceRunner:
         actives = [None if setting.dense else ActivePolicy.from_setting(setting) for setting in settings]
         window = max((active.window for active in actives if active is not None), default=0)
         for sample in samples:
-            prefilled = self.prefill(self.tokenizer(sample.prompt).input_ids, window)
+            token_ids = self.tokenizer(sample.prompt).input_ids
+            prefilled = {}  # one prefill per scorer the settings' slots need
             for setting, active in zip(settings, actives):
-                generation = self.generate(prefilled, sample.max_new_tokens, active)
+                scorer = _scorer(active)
+                if id(scorer) not in prefilled:
+                    prefilled[id(scorer)] = self.prefill(token_ids, window, scorer)
+                generation = self.generate(prefilled[id(scorer)], sample.max_new_tokens, active)
                 on_answer(sample, setting, generation.text, self.memory(generation.state, active))
 
     def memory(self, state: RequestState, active: ActivePolicy | None) -> KVMemory:
@@ -198,13 +203,22 @@ class ReferenceRunner:
         positions = torch.arange(state.num_tokens, state.num_tokens + len(token_ids))
         with torch.inference_mode():
             output = self.model(input_ids=torch.tensor([token_ids]), position_ids=positions[None],
-                                kv_streams=state.layers, use_cache=False, logits_to_keep=1)
+                                kv_streams=state.layers, kv_scorer=state.scorer,
+                                use_cache=False, logits_to_keep=1)
         state.num_tokens += len(token_ids)
         state.next_logits = output.logits[0, -1].float()
 
     @staticmethod
-    def _check_window(state: RequestState, active: ActivePolicy | None) -> None:
+    def _check_prefill(state: RequestState, active: ActivePolicy | None) -> None:
+        if state.scorer is not _scorer(active):
+            raise ValueError("the prefill's slot scores are not those of this setting's "
+                             "policy (pass its write_scorer to prefill)")
         held = state.layers[0].window_positions.shape[0]
         if active is not None and active.window > held:
             raise ValueError(f"{active.setting.label} needs {active.window} window queries; "
                              f"the prefill kept {held} (pass window= to prefill)")
+
+
+def _scorer(active: ActivePolicy | None):
+    """The trained scorer a setting's slots hold scores of (None: accumulated attention)."""
+    return None if active is None else active.policy.write_scorer

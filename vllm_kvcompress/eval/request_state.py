@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -26,7 +27,8 @@ class RequestState:
     and fed-back outputs). next_logits: [V] float32, the model's prediction of the next
     token. last_compressed_at: num_tokens at the last compression (0 = never).
     layer_densities: [1, num_layers] float32, D2O's attention density of every layer at
-    the end of prefill (StreamBatch.layer_densities)."""
+    the end of prefill (StreamBatch.layer_densities). scorer: the trained scorer whose
+    scores the streams' acc_scores hold (None: accumulated attention)."""
 
     layers: list[LayerStreams]
     prompt_len: int
@@ -35,6 +37,7 @@ class RequestState:
     last_compressed_at: int = 0
     layer_densities: torch.Tensor | None = None
     compressions: list[CompressionRecord] = field(default_factory=list)
+    scorer: Any = None
 
     def fork(self) -> RequestState:
         """An independent copy: decoding or compressing it leaves this one untouched."""
@@ -42,7 +45,7 @@ class RequestState:
             layers=[layer.clone() for layer in self.layers], prompt_len=self.prompt_len,
             num_tokens=self.num_tokens, next_logits=self.next_logits.clone(),
             last_compressed_at=self.last_compressed_at, layer_densities=self.layer_densities,
-            compressions=list(self.compressions),
+            compressions=list(self.compressions), scorer=self.scorer,
         )
 
     def kept_positions(self) -> list[list[torch.Tensor]]:

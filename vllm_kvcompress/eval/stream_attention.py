@@ -8,13 +8,14 @@ from vllm_kvcompress.eval.layer_streams import LayerStreams
 
 
 def attend_new_tokens(streams: LayerStreams, queries: torch.Tensor, scale: float,
-                      chunk: int) -> torch.Tensor:
+                      chunk: int, accumulate: bool = True) -> torch.Tensor:
     """Causal attention of the S newest tokens of every stream; returns [H, G, S, D].
 
     queries: [H, G, S, D] after RoPE, for tokens already appended as each stream's last S
     live slots. Query i sees the stream's older slots and new slots up to itself, and its
     low-bit tier (all older), in one softmax. Adds the probabilities of the full tier's
-    slots, summed over queries and the G heads of each group, to `streams.acc_scores`.
+    slots, summed over queries and the G heads of each group, to `streams.acc_scores`
+    (unless not `accumulate`: they hold a trained scorer's scores then).
     Works `chunk` queries at a time so prefill memory stays at [H, G, chunk, T]
     probabilities; computed in float32.
     """
@@ -44,7 +45,8 @@ def attend_new_tokens(streams: LayerStreams, queries: torch.Tensor, scale: float
             low_width = low.positions.shape[1]
             output = torch.matmul(probs[..., :low_width].reshape(heads, -1, low_width), low.values)
             probs = probs[..., low_width:]
-        streams.acc_scores[:, :width] += probs.sum(dim=(1, 2))
+        if accumulate:
+            streams.acc_scores[:, :width] += probs.sum(dim=(1, 2))
         output = output + torch.matmul(probs.reshape(heads, -1, width), values)
         outputs.append(output.view(heads, group, stop - start, head_size))
     return torch.cat(outputs, dim=2)

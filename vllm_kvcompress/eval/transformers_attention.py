@@ -5,6 +5,8 @@ with `attn_implementation=ATTENTION_NAME` calls it in every attention layer with
 layer's queries, keys and values after RoPE (computed at the positions the caller passed
 as `position_ids`). No causal mask is built for unknown implementations, and no
 transformers Cache is used: the streams passed as the `kv_streams` keyword are the cache.
+A trained scorer passed as `kv_scorer` scores the new tokens as they are written (their
+acc_scores), and attention is then not accumulated.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ PREFILL_CHUNK = 256
 def streams_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                       dropout: float = 0.0, *, kv_streams: list[LayerStreams],
-                      position_ids: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+                      position_ids: torch.Tensor, kv_scorer=None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
     """query [1, Hq, S, D], key/value [1, H, S, D], position_ids [1, S] -> ([1, S, Hq, D], None).
 
     Appends the new keys/values to the layer's streams, slides its query window, attends.
@@ -34,9 +37,14 @@ def streams_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     heads = key.shape[1]
     positions = position_ids[0]
     queries = query[0].view(heads, query_heads // heads, new, head_size)
-    streams.append(key[0], value[0], positions)
+    scores = None
+    if kv_scorer is not None:
+        scores = kv_scorer.score(module.layer_idx, queries.permute(2, 0, 1, 3),
+                                 key[0].transpose(0, 1), value[0].transpose(0, 1), positions).T
+    streams.append(key[0], value[0], positions, scores)
     streams.push_queries(queries, positions)
-    output = attend_new_tokens(streams, queries, scaling, PREFILL_CHUNK)
+    output = attend_new_tokens(streams, queries, scaling, PREFILL_CHUNK,
+                               accumulate=kv_scorer is None)
     return output.reshape(query_heads, new, head_size).transpose(0, 1)[None].to(query.dtype), None
 
 

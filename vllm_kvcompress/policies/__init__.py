@@ -13,6 +13,7 @@ from vllm_kvcompress.policies import (  # noqa: F401  (each module registers its
     ems,
     h2o,
     kvmerger,
+    locret,
     mikv,
     pyramidkv,
     snapkv,

@@ -44,6 +44,9 @@ class Policy:
     needs_window_queries: ClassVar[bool] = False
     needs_accumulated: ClassVar[bool] = False
     needs_layer_densities: ClassVar[bool] = False
+    # A trained scorer (scorers/) scores each slot when its K/V are written; the score is
+    # kept in acc_scores instead of accumulated attention. None: the policy has none.
+    write_scorer: Any = None
     default_window: ClassVar[int | None] = 32
     default_sinks: ClassVar[int | None] = 0
     # Budget allocators the policy accepts as `allocator:`; the first is its default.

@@ -54,6 +54,11 @@ def flag(default: bool) -> Option:
     return Option(default, "true or false", lambda v: isinstance(v, bool))
 
 
+def file_path(default: str | None) -> Option:
+    return Option(default, "a file path (string) or null",
+                  lambda v: v is None or (isinstance(v, str) and bool(v)))
+
+
 def layer_list(default: tuple[int, ...]) -> Option:
     return Option(default, "a list of layer indices (negative counts from the last layer)",
                   lambda v: isinstance(v, (list, tuple))

@@ -27,6 +27,7 @@ KNOWN_POLICIES = (
     "elastic",
     "think",
     "mikv",
+    "locret",
 )
 
 _IMPLEMENTED: dict[str, type[Policy]] = {}

@@ -11,6 +11,7 @@ from vllm.config import VllmConfig
 from vllm.logger import init_logger
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
+from vllm_kvcompress.vllm_plugin.request_settings import check_scorer_model
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm": vLLM's handlers and level
 
@@ -44,6 +45,7 @@ def enable_compression(vllm_config: VllmConfig, settings: KVCompressConfig,
     parallel_config = vllm_config.parallel_config
     parallel_config.worker_cls = WORKER_CLS[parallel_config.worker_cls]
     _check_replacement(vllm_config, settings)
+    check_scorer_model(settings, vllm_config.model_config.hf_config)
     logger.info("vllm-kvcompress: %s, budget %d tokens per KV head, interval %d, prefill %s",
                 settings.kv_policy, settings.budget, settings.kv_interval,
                 settings.kv_prefill_mode)

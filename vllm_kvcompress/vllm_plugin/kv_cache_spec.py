@@ -35,7 +35,7 @@ from vllm_kvcompress.cache.second_tier import row_format
 from vllm_kvcompress.config import KVCompressConfig
 from vllm_kvcompress.policies.selection import LowBitTier
 from vllm_kvcompress.vllm_plugin.metrics import pages_freed_counter
-from vllm_kvcompress.vllm_plugin.request_settings import policy_for
+from vllm_kvcompress.vllm_plugin.request_settings import policy_for, server_settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +47,28 @@ class CompressedAttentionSpec(FullAttentionSpec):
         # entries turn null), and a first compression with prefix caching holds the full
         # prompt pages and the compressed bound at once: up to twice the context's pages.
         return max_block_entries(max_len, self.block_size)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # What vLLM's start-up check asks of the cache: one max_model_len request must fit.
+        # In chunked prefill mode a request holds its compressed bound plus one step's
+        # tokens, so a prompt larger than the whole cache runs (Locret's setting).
+        full = super().max_memory_usage_bytes(vllm_config)
+        pages = chunked_peak_pages(server_settings(vllm_config), vllm_config, self.block_size,
+                                   self.head_size, self.dtype)
+        return full if pages is None else min(full, pages * self.page_size_bytes)
+
+
+def chunked_peak_pages(settings: KVCompressConfig, vllm_config, block_size: int,
+                       head_size: int, dtype: torch.dtype) -> int | None:
+    """Most pages one request with `settings` holds in `chunked` prefill mode (steps of
+    at most max_num_batched_tokens, up to max_model_len tokens); None in other modes."""
+    if not settings.enabled or settings.kv_prefill_mode != "chunked":
+        return None
+    model_config = vllm_config.model_config
+    num_layers = model_config.get_num_layers(vllm_config.parallel_config)
+    schedule = schedule_for(settings, block_size, num_layers, False, head_size, dtype)
+    return schedule.chunked_peak_pages(vllm_config.scheduler_config.max_num_batched_tokens,
+                                       model_config.max_model_len)
 
 
 class CompressedAttentionManager(FullAttentionManager):
@@ -64,6 +86,8 @@ class CompressedAttentionManager(FullAttentionManager):
         # request id -> tokens processed at its first compression since it (re)started
         self._compressed_at: dict[str, int] = {}
         self.pages_released = 0
+        # Most tokens one step brings a request (vLLM's token budget; set by the scheduler).
+        self.max_step_tokens = 1
 
     def compressed_at(self, request_id: str) -> int:
         """Tokens processed at the request's first compression since it (re)started; 0: none."""
@@ -102,6 +126,10 @@ class CompressedAttentionManager(FullAttentionManager):
                 num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
                 prefill_end)
         needed = self._pages_for_step(request_id, schedule, total_computed_tokens, num_tokens)
+        if apply_admission_cap and schedule.prefill_mode == "chunked":
+            # vLLM's admission asks for the whole sequence at once; in chunked mode the
+            # request never holds more than its chunked bound.
+            needed = min(needed, schedule.chunked_peak_pages(self.max_step_tokens, num_tokens))
         held = self.num_live_pages(request_id) + len(new_computed_blocks)
         # Cached pages nobody holds sit in the free queue: taking them uses free capacity.
         return max(needed - held, 0) + self._get_num_evictable_blocks(new_computed_blocks)
@@ -203,7 +231,8 @@ def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
     head-blocks of block_size x head_size keys and values of `dtype`.
 
     With prefix caching on, a request shares its prefix unless its policy accumulates
-    attention over every query: a cache hit would skip the queries of the cached tokens."""
+    attention over every query (a cache hit would skip the queries of the cached tokens)
+    or writes trained scores (cached pages may come from a request that wrote none)."""
     if not settings.enabled:
         return None
     policy = policy_for(settings)
@@ -221,7 +250,8 @@ def schedule_for(settings: KVCompressConfig, block_size: int, num_layers: int,
         budget=settings.budget, interval=settings.kv_interval, block_size=block_size,
         prefill_mode=settings.kv_prefill_mode,
         layer_budget=policy.max_layer_budget(settings.budget, num_layers),
-        shared_prefix=prefix_caching and not policy.needs_accumulated,
+        shared_prefix=(prefix_caching and not policy.needs_accumulated
+                       and policy.write_scorer is None),
         reread_tokens=policy.query_window if policy.needs_window_queries else 0,
         **tier_fields,
     )

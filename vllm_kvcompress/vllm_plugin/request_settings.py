@@ -15,6 +15,7 @@ from typing import Any
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.policies import Policy, make_policy
+from vllm_kvcompress.scorers.weights import check_model
 
 # Keys a request may override; the rest (interval, prefill mode, sinks) are per server.
 REQUEST_KEYS = ("kv_policy", "budget", "kv_window", "kv_policy_args")
@@ -30,6 +31,18 @@ def policy_for(settings: KVCompressConfig) -> Policy:
     # JSON: option values may be lists (layer lists from a config file), which don't hash.
     return _shared_policy(settings.kv_policy, settings.kv_window, settings.kv_sinks,
                           json.dumps(settings.kv_policy_args, sort_keys=True))
+
+
+def check_scorer_model(settings: KVCompressConfig, hf_config) -> None:
+    """KVCompressConfigError unless the trained scorer of the settings' policy (if it has
+    one) was trained for the served model (hf_config: its transformers config)."""
+    scorer = policy_for(settings).write_scorer if settings.enabled else None
+    if scorer is None:
+        return
+    try:
+        check_model(scorer, hf_config)
+    except ValueError as error:
+        raise KVCompressConfigError(f"--kv-policy {settings.kv_policy}: {error}") from None
 
 
 @functools.cache
@@ -65,6 +78,10 @@ def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any
     overrides = request_overrides(extra_args)
     if not overrides:
         return server
+    if isinstance(overrides.get("kv_policy_args"), dict) and "weights" in overrides["kv_policy_args"]:
+        # A client must not make the server read files of its choosing.
+        raise KVCompressConfigError("kv_policy_args.weights: a server setting "
+                                    "(kv_policy_args in --kv-config), not allowed per request")
     if not server.enabled:
         raise KVCompressConfigError(
             f"per-request {', '.join(sorted(overrides))}: KV compression is off on this "

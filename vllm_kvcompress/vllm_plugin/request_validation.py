@@ -12,10 +12,13 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from vllm_kvcompress.config import KVCompressConfigError
+from vllm_kvcompress.vllm_plugin.engine_setup import BLOCK_SIZE
+from vllm_kvcompress.vllm_plugin.kv_cache_spec import chunked_peak_pages
 from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY, valid_group
 from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
     REQUEST_KEYS,
+    check_scorer_model,
     resolve_request_settings,
     server_settings,
 )
@@ -39,11 +42,30 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
     if not given:
         return
     try:
-        resolve_request_settings(server_settings(vllm_config), params.extra_args,
-                                 vllm_config.model_config.max_model_len)
+        settings = resolve_request_settings(server_settings(vllm_config), params.extra_args,
+                                            vllm_config.model_config.max_model_len)
+        check_scorer_model(settings, vllm_config.model_config.hf_config)
+        _check_chunked_peak(settings, vllm_config)
     except KVCompressConfigError as exc:
         raise VLLMValidationError(f"invalid KV compression setting in vllm_xargs: {exc}",
                                   parameter="vllm_xargs", value=given) from None
+
+
+def _check_chunked_peak(settings, vllm_config) -> None:
+    """In chunked prefill mode vLLM's start-up check sized the cache for the server's
+    settings' bound, not for max_model_len: a request must not need more pages."""
+    server = server_settings(vllm_config)
+    model_config = vllm_config.model_config
+    shape = (BLOCK_SIZE, model_config.get_head_size(), model_config.dtype)
+    allowed = chunked_peak_pages(server, vllm_config, *shape)
+    if allowed is None or settings == server:
+        return
+    needed = chunked_peak_pages(settings, vllm_config, *shape)
+    if needed is None or needed > allowed:
+        raise KVCompressConfigError(
+            f"in chunked prefill mode a request may hold at most the {allowed} KV pages of "
+            f"the server's settings ({server.kv_policy}, budget {server.budget}); these "
+            f"need {'every token' if needed is None else needed}")
 
 
 def install() -> None:

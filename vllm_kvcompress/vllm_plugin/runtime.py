@@ -104,10 +104,12 @@ class StepPlan:
     """The attention metadata of one step, shared by every layer.
 
     slot_ids [L, tokens, H] where each layer writes its new K/V; positions [tokens] token
-    positions; attention: one part, or two when only some requests' policies accumulate
-    attention (they take the torch path, the others vLLM's kernel); density_slots: the
-    requests whose policy needs layer densities and whose prompt completes (or first
-    compression comes) in this step (None: none).
+    positions; scorers: the trained scorers that score the new tokens as they are
+    written, each with its rows [tokens] bool (None: every row); attention: one part, or
+    two when only some requests' policies accumulate attention (they take the torch
+    path, the others vLLM's kernel); density_slots: the requests whose policy needs
+    layer densities and whose prompt completes (or first compression comes) in this step
+    (None: none).
     Groups whose policy needs layer densities compress every layer after the last one
     attended (layer 0's budget depends on every layer's density).
     """
@@ -119,6 +121,7 @@ class StepPlan:
     attention: list[AttentionPart]
     groups: list[tuple[Policy, int, torch.Tensor]]
     density_slots: torch.Tensor | None = None
+    scorers: list[tuple[object, torch.Tensor | None]] = field(default_factory=list)
 
 
 class CompressionRuntime:
@@ -131,6 +134,8 @@ class CompressionRuntime:
         self.prefix_caching = vllm_config.cache_config.enable_prefix_caching
         self.num_layers = len(kv_caches)
         self.num_kv_heads, self.head_size, self.block_size = num_kv_heads, head_size, block_size
+        # This rank's first KV head among the model's (trained scorers index by it).
+        self.first_kv_head = get_tensor_model_parallel_rank() * num_kv_heads
         self.dtype = kv_caches[0].dtype
         max_requests = vllm_config.scheduler_config.max_num_seqs
         num_pages = kv_caches[0].shape[0]
@@ -211,6 +216,7 @@ class CompressionRuntime:
         shared_pages_to_drop: list[tuple[int, int]] = []
         density_slots = []
         routes: list[TorchRoute | None] = []  # per request; None: vLLM's kernel will do
+        scorers = []  # per request: its policy's write_scorer or None
         needs_window = False
         for req_id, query_len in zip(req_ids, query_lens):
             req_state = self.runner.requests[req_id]
@@ -226,6 +232,7 @@ class CompressionRuntime:
             starts.append(num_computed)
             streams.num_tokens = num_computed + query_len
             routes.append(self._route(streams))
+            scorers.append(None if streams.policy is None else streams.policy.write_scorer)
             if streams.policy is None:
                 continue
             needs_window |= streams.policy.needs_window_queries
@@ -267,7 +274,17 @@ class CompressionRuntime:
                                             slot_tensor),
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
-            density_slots=torch.tensor(density_slots, device=device) if density_slots else None)
+            density_slots=torch.tensor(density_slots, device=device) if density_slots else None,
+            scorers=self._scorer_rows(scorers, lens, device))
+
+    @staticmethod
+    def _scorer_rows(scorers: list, lens: torch.Tensor, device) -> list[tuple[object, torch.Tensor | None]]:
+        """Each distinct trained scorer of the step with the token rows it scores."""
+        distinct = [s for s in dict.fromkeys(scorers) if s is not None]
+        if len(distinct) == 1 and all(s is distinct[0] for s in scorers):
+            return [(distinct[0], None)]
+        return [(scorer, torch.repeat_interleave(torch.tensor([s is scorer for s in scorers]),
+                                                 lens).to(device)) for scorer in distinct]
 
     def _route(self, streams: RequestStreams) -> TorchRoute | None:
         """The torch path for a request whose policy reads each slot's attention
@@ -317,7 +334,8 @@ class CompressionRuntime:
 
         query [tokens, Hq, D], key/value [tokens, H, D]; writes output[:tokens]."""
         n = plan.num_tokens
-        self.cache.write(layer, plan.slot_ids[layer], key[:n], value[:n], plan.positions)
+        scores = self._written_scores(layer, query[:n], key[:n], value[:n], plan)
+        self.cache.write(layer, plan.slot_ids[layer], key[:n], value[:n], plan.positions, scores)
         if plan.window_writes is not None:
             self.window.record(layer, plan.window_writes, query[:n])
         for part in plan.attention:
@@ -344,6 +362,20 @@ class CompressionRuntime:
         # Count each compressed request once, on the last layer.
         requests = sum(len(slots) for _, _, slots in plan.groups) if last_layer else 0
         self.metrics.add_compression(time.perf_counter() - started, requests)
+
+    def _written_scores(self, layer: int, query: torch.Tensor, key: torch.Tensor,
+                        value: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+        """[tokens, H] the trained scorers' scores of the new tokens (0 for rows of requests
+        without one), or None when no request of the step has one."""
+        if not plan.scorers:
+            return None
+        scores = torch.zeros(key.shape[:2], dtype=torch.float32, device=key.device)
+        queries = query.reshape(key.shape[0], self.num_kv_heads, -1, self.head_size)
+        for scorer, rows in plan.scorers:
+            take = slice(None) if rows is None else rows
+            scores[take] = scorer.score(layer, queries[take], key[take], value[take],
+                                        plan.positions[take], first_head=self.first_kv_head)
+        return scores
 
     def _record_densities(self, layer: int, slots: torch.Tensor) -> None:
         """D2O's attention density of this layer for the requests in `slots`; after the last

@@ -33,6 +33,7 @@ class KVCompressScheduler(PrefixCacheScheduler):
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
         self.settings = server_settings(vllm_config)
         self.compressed_manager = self._find_compressed_manager()
+        self.compressed_manager.max_step_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         self.block_size = self.compressed_manager.block_size
         spec = self.compressed_manager.kv_cache_spec
         self.head_size, self.dtype = spec.head_size, spec.dtype
