@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_kvcompress.scorers.rope import rotate
+from vllm_kvcompress.scorers.rope import rope_angles, rotate
 
 # Resolution of a written score (in log-attention units: 1 = a factor of e).
 SCORE_STEP = 1 / 64
@@ -75,6 +75,8 @@ class RetainingHeads(nn.Module):
         super().__init__()
         self.shape, self.hidden = shape, hidden
         self.source = "untrained"  # the weights file, once loaded
+        self._scaled_w1: torch.Tensor | None = None
+        self._angle_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         layers, heads = shape.num_layers, shape.num_kv_heads
         inputs = (shape.group + 2) * shape.head_size
         self.w1 = nn.Parameter(torch.randn(layers, heads, inputs, hidden) * inputs ** -0.5)
@@ -87,10 +89,10 @@ class RetainingHeads(nn.Module):
                  positions: torch.Tensor) -> torch.Tensor:
         """[S, H, I] float32 inputs from queries [S, H, G, D], keys/values [S, H, D] (after
         RoPE, at token positions [S])."""
-        theta = self.shape.rope_theta
-        queries = rotate(queries, positions, theta, inverse=True)
-        keys = rotate(keys, positions, theta, inverse=True)
-        return torch.cat([queries.flatten(2), keys, values.float()], dim=-1)
+        rotated = torch.cat([queries, keys[:, :, None]], dim=2)                    # [S, H, G+1, D]
+        rotated = rotate(rotated, positions, self.shape.rope_theta, inverse=True,
+                         angles=self._angles(positions))
+        return torch.cat([rotated.flatten(2), values.float()], dim=-1)
 
     def forward(self, layer: int, features: torch.Tensor, first_head: int = 0) -> torch.Tensor:
         """[S, H'] scores of KV heads first_head .. first_head + H' - 1 for features [S, H', I]."""
@@ -103,14 +105,31 @@ class RetainingHeads(nn.Module):
     @torch.no_grad()
     def score(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
               positions: torch.Tensor, first_head: int = 0) -> torch.Tensor:
-        """[S, H'] float32 predicted importance (higher = keep) of S new tokens.
+        """[S, H'] float32 predicted importance (higher = keep) of S new tokens, by frozen
+        heads (`forward` in two batched matmuls, in_scale folded into w1).
 
         queries [S, H', G, D], keys/values [S, H', D] after RoPE; positions [S];
         first_head: the first KV head these are (tensor parallelism). Rounded to
         SCORE_STEP: repeated tokens, whose inputs differ only by RoPE rounding, then tie
         exactly and go to the earlier slot on every path (vLLM's and the reference's)."""
-        scores = self(layer, self.features(queries, keys, values, positions), first_head)
+        if self._scaled_w1 is None:
+            self._scaled_w1 = (self.w1 * self.in_scale[..., None]).detach()
+        heads = slice(first_head, first_head + keys.shape[1])
+        x = self.features(queries, keys, values, positions).transpose(0, 1)        # [H', S, I]
+        hidden = torch.baddbmm(self.b1[layer, heads, None], x, self._scaled_w1[layer, heads])
+        scores = torch.bmm(nn.functional.silu(hidden, inplace=True), self.w2[layer, heads, :, None])
+        scores = scores[..., 0].T + self.b2[layer, heads]
         return torch.round(scores / SCORE_STEP) * SCORE_STEP
+
+    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) of positions [S], reused while the positions repeat (every layer
+        of a step scores the same tokens)."""
+        cached = self._angle_cache
+        if cached is None or cached[0].shape != positions.shape or not torch.equal(cached[0], positions):
+            cached = (positions.clone(), *rope_angles(positions, self.shape.head_size,
+                                                      self.shape.rope_theta))
+            self._angle_cache = cached
+        return cached[1], cached[2]
 
     def save(self, path: Path, card: dict) -> None:
         """The weights as safetensors, the card as JSON next to them (same stem)."""

@@ -17,13 +17,15 @@ def rope_angles(positions: torch.Tensor, head_size: int, theta: float) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool = False) -> torch.Tensor:
+def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool = False,
+           angles: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [S, ..., D] rotated by its position (inverse: rotated back), float32.
 
-    positions [S] (int or float); the rotation of x[s] is by positions[s].
+    positions [S] (int or float); the rotation of x[s] is by positions[s]. angles: their
+    rope_angles when the caller has them.
     """
     head_size = x.shape[-1]
-    cos, sin = rope_angles(positions, head_size, theta)
+    cos, sin = angles if angles is not None else rope_angles(positions, head_size, theta)
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (head_size // 2,)
     cos, sin = cos.view(shape), sin.view(shape)
     if inverse:

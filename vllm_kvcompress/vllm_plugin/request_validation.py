@@ -53,19 +53,21 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
 
 def _check_chunked_peak(settings, vllm_config) -> None:
     """In chunked prefill mode vLLM's start-up check sized the cache for the server's
-    settings' bound, not for max_model_len: a request must not need more pages."""
-    server = server_settings(vllm_config)
-    model_config = vllm_config.model_config
-    shape = (BLOCK_SIZE, model_config.get_head_size(), model_config.dtype)
-    allowed = chunked_peak_pages(server, vllm_config, *shape)
-    if allowed is None or settings == server:
+    compressed bound, not for max_model_len: a request needing more pages than the cache
+    holds would wait forever."""
+    server, model_config = server_settings(vllm_config), vllm_config.model_config
+    num_pages = vllm_config.cache_config.num_gpu_blocks  # known once the engine is up
+    if server.kv_prefill_mode != "chunked" or not server.enabled or not num_pages:
         return
-    needed = chunked_peak_pages(settings, vllm_config, *shape)
-    if needed is None or needed > allowed:
+    whole = -(-model_config.max_model_len // BLOCK_SIZE)
+    peak = chunked_peak_pages(settings, vllm_config, BLOCK_SIZE, model_config.get_head_size(),
+                              model_config.dtype)
+    needed = whole if peak is None else min(peak, whole)
+    if needed > num_pages - 1:  # vLLM keeps one page back (its null block)
         raise KVCompressConfigError(
-            f"in chunked prefill mode a request may hold at most the {allowed} KV pages of "
-            f"the server's settings ({server.kv_policy}, budget {server.budget}); these "
-            f"need {'every token' if needed is None else needed}")
+            f"these settings need up to {needed} KV pages per request in chunked prefill "
+            f"mode and the KV cache holds {num_pages - 1}; use a smaller budget or the "
+            f"server's settings ({server.kv_policy}, budget {server.budget})")
 
 
 def install() -> None:
