@@ -4,7 +4,7 @@ Registered with transformers' AttentionInterface under CAPTURE_NAME; the model a
 usual (causal SDPA) and, for an Example, each layer records for the tokens before its
 region: the heads' input features and the label, the largest attention any query of the
 region (from any head of the KV head's group) pays the token. For held-out scoring it
-also records the SnapKV window score of the prompt's last queries.
+also records the snapkv policy's score of the prompt (its last queries as the window).
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from vllm_kvcompress.policies import StreamBatch, make_policy
+from vllm_kvcompress.policies.scoring import attention_probs
 from vllm_kvcompress.scorers.retaining_heads import RetainingHeads
 
 CAPTURE_NAME = "kvcompress_capture"
-# SnapKV's observation window and pooling kernel (its published defaults).
-SNAPKV_WINDOW, SNAPKV_KERNEL = 32, 7
+# The baseline the held-out recall compares with, at its published defaults.
+SNAPKV = make_policy("snapkv")
 
 
 @dataclass
@@ -36,15 +38,6 @@ class Capture:
     key_norms: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def _probs(queries: torch.Tensor, keys: torch.Tensor, first_query: int, scale: float) -> torch.Tensor:
-    """[H, G, Q, S] causal softmax of queries [H, G, Q, D] (positions first_query..) over
-    keys [H, S, D] (positions 0..)."""
-    logits = torch.einsum("hgqd,hsd->hgqs", queries.float(), keys.float()) * scale
-    q_pos = torch.arange(first_query, first_query + queries.shape[2])
-    visible = torch.arange(keys.shape[1])[None, :] <= q_pos[:, None]
-    return torch.softmax(logits.masked_fill(~visible, -torch.inf), dim=-1)
-
-
 def capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                       value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                       dropout: float = 0.0, *, capture: Capture, position_ids: torch.Tensor,
@@ -57,20 +50,35 @@ def capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                             enable_gqa=True)
     r = capture.region_start
     queries = query[0].view(heads, group, length, head_size)
+    keys, positions = key[0], position_ids[0].expand(heads, -1)
+    lengths = torch.full((heads,), length)
     with torch.no_grad():
-        labels = _probs(queries[:, :, r:], key[0], r, scaling).amax(dim=(1, 2))[:, :r]
-        capture.labels[module.layer_idx] = labels.T.contiguous()
+        probs = attention_probs(queries[:, :, r:], keys, lengths, positions,
+                                positions[:, r:], scaling)
+        capture.labels[module.layer_idx] = probs.amax(dim=(1, 2))[:, :r].T.contiguous()
         capture.features[module.layer_idx] = capture.heads.features(
-            queries[:, :, :r].permute(2, 0, 1, 3), key[0, :, :r].transpose(0, 1),
+            queries[:, :, :r].permute(2, 0, 1, 3), keys[:, :r].transpose(0, 1),
             value[0, :, :r].transpose(0, 1), position_ids[0, :r])
-        capture.key_norms[module.layer_idx] = key[0, :, :r].float().norm(dim=-1).T
+        capture.key_norms[module.layer_idx] = keys[:, :r].float().norm(dim=-1).T
         if capture.snapkv_end is not None:
-            start = capture.snapkv_end - SNAPKV_WINDOW
-            window = _probs(queries[:, :, start:capture.snapkv_end], key[0], start, scaling)
-            scores = window.sum(dim=2).mean(dim=1)[:, :r]                                 # [H, r]
-            pooled = F.max_pool1d(scores[:, None], SNAPKV_KERNEL, 1, SNAPKV_KERNEL // 2)[:, 0]
-            capture.snapkv[module.layer_idx] = pooled.T.contiguous()
+            capture.snapkv[module.layer_idx] = _snapkv_scores(
+                capture, module.layer_idx, queries, key[0], value[0], scaling)[:, :r].T
     return output.transpose(1, 2), None
+
+
+def _snapkv_scores(capture: Capture, layer: int, queries: torch.Tensor, keys: torch.Tensor,
+                   values: torch.Tensor, scale: float) -> torch.Tensor:
+    """[H, prompt] the snapkv policy's own scores of the prompt (up to snapkv_end), with
+    its last SNAPKV.window queries as the window."""
+    end, heads = capture.snapkv_end, keys.shape[0]
+    positions = torch.arange(end).expand(heads, -1)
+    batch = StreamBatch(
+        keys=keys[:, :end], values=values[:, :end], lengths=torch.full((heads,), end),
+        positions=positions, acc_scores=torch.zeros(heads, end), num_kv_heads=heads,
+        layer=layer, num_layers=capture.heads.shape.num_layers, scale=scale,
+        window_queries=queries[:, :, end - SNAPKV.window:end],
+        window_positions=positions[:, end - SNAPKV.window:])
+    return SNAPKV.score(batch)
 
 
 AttentionInterface.register(CAPTURE_NAME, capture_attention)

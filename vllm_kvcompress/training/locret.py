@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_kvcompress.scorers.retaining_heads import ModelShape, RetainingHeads
-from vllm_kvcompress.training.capture import CAPTURE_NAME, SNAPKV_WINDOW, Capture
+from vllm_kvcompress.training.capture import CAPTURE_NAME, SNAPKV, Capture
 from vllm_kvcompress.training.examples import Example, make_example
 
 # Attention below this is "not needed" alike; it bounds the log target.
@@ -95,14 +95,14 @@ def held_out_examples(frozen: FrozenModel, count: int, seed: int, num_words: int
 def recall_at_budget(frozen: FrozenModel, heads: RetainingHeads, examples: Sequence[Example],
                      budgets: Sequence[int]) -> dict[str, dict[int, float]]:
     """Mean over examples, layers and KV heads of |top-B by method & top-B by label| / B,
-    among the tokens before the region less the sinks and the last SNAPKV_WINDOW (which
+    among the tokens before the region less the sinks and the last SNAPKV.window (which
     every policy keeps). Methods: locret, key_norm (smallest keys), streaming (most recent),
     snapkv (window attention of the prompt's last queries, max-pooled)."""
     sums = {m: {b: 0.0 for b in budgets} for m in ("locret", "key_norm", "streaming", "snapkv")}
     count = 0
     for example in examples:
         capture = frozen.capture(heads, example, snapkv=True)
-        stop = example.region_start - SNAPKV_WINDOW if example.kind == "plain" else example.region_start
+        stop = example.region_start - SNAPKV.window if example.kind == "plain" else example.region_start
         candidates = slice(SINKS, stop)
         positions = torch.arange(example.region_start, dtype=torch.float32)
         for layer in capture.features:

@@ -369,8 +369,11 @@ class CompressionRuntime:
         without one), or None when no request of the step has one."""
         if not plan.scorers:
             return None
-        scores = torch.zeros(key.shape[:2], dtype=torch.float32, device=key.device)
         queries = query.reshape(key.shape[0], self.num_kv_heads, -1, self.head_size)
+        if len(plan.scorers) == 1 and plan.scorers[0][1] is None:  # the usual step: one scorer
+            return plan.scorers[0][0].score(layer, queries, key, value, plan.positions,
+                                            first_head=self.first_kv_head)
+        scores = torch.zeros(key.shape[:2], dtype=torch.float32, device=key.device)
         for scorer, rows in plan.scorers:
             take = slice(None) if rows is None else rows
             scores[take] = scorer.score(layer, queries[take], key[take], value[take],
