@@ -9,7 +9,7 @@ import sys
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, MODELS
 from vllm_kvcompress.eval.command import add_eval_parser
 from vllm_kvcompress.sharing.cache_sim_command import add_cache_parsers
-from vllm_kvcompress.training.command import add_train_parser
+from vllm_kvcompress.training.command import add_profile_parser, add_train_parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     add_eval_parser(commands)
     add_cache_parsers(commands)
     add_train_parser(commands)
+    add_profile_parser(commands)
 
     batch = commands.add_parser(
         "ray-batch", help="answer a JSONL of prompts on Ray Data actors (vllm_kvcompress.LLM)",
@@ -115,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_kvcompress.training.command import run_train
 
         return run_train(args)
+    elif args.command == "profile":
+        from vllm_kvcompress.training.command import run_profile
+
+        return run_profile(args)
     elif args.command == "eval":
         from vllm_kvcompress.eval.command import run_eval
 

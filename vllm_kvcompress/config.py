@@ -27,6 +27,8 @@ FLAGS = {
     "kv_interval": "--kv-interval",
     "kv_prefill_mode": "--kv-prefill-mode",
     "kv_policy_args": "kv_policy_args (in --kv-config)",
+    "kv_quality": "--kv-quality",
+    "kv_quality_curves": "kv_quality_curves (in --kv-config)",
     "kv_cache_replacement": "--kv-cache-replacement",
     "kv_trace": "--kv-trace",
     "kv_scheduling": "--kv-scheduling",
@@ -54,6 +56,10 @@ class KVCompressConfig(BaseModel):
     kv_interval: int = Field(default=16, ge=1)
     kv_prefill_mode: Literal["full", "chunked"] = "full"
     kv_policy_args: dict[str, Any] = Field(default_factory=dict)
+    # A quality target instead of a fixed budget (policies/quality_budget.py), and the
+    # retention curves it is read from (written by `vllm-kvcompress profile`).
+    kv_quality: float | None = Field(default=None, gt=0, le=1)
+    kv_quality_curves: dict[str, list[float]] | None = None
     # Prefix-cache replacement (sharing/replacement/): vLLM's LRU, or marking with one-bit
     # predictions; independent of compression.
     kv_cache_replacement: Literal["lru", "predicted"] = "lru"
@@ -68,6 +74,24 @@ class KVCompressConfig(BaseModel):
         if value not in KNOWN_POLICIES:
             raise ValueError(f"must be one of: {', '.join(KNOWN_POLICIES)}")
         return value
+
+    @field_validator("kv_quality_curves")
+    @classmethod
+    def _valid_curves(cls, value: dict[str, list[float]] | None) -> dict[str, list[float]] | None:
+        from vllm_kvcompress.policies.quality_budget import check_curves
+
+        problem = None if value is None else check_curves(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _quality_needs_curves(self) -> KVCompressConfig:
+        if self.kv_quality is not None and self.kv_quality_curves is None:
+            raise ValueError("kv_quality needs kv_quality_curves: start the server with a "
+                             "profile's --kv-config (written by `vllm-kvcompress profile`, "
+                             "e.g. --kv-config profile-smollm2-135m)")
+        return self
 
     @model_validator(mode="after")
     def _policy_accepts_its_options(self) -> KVCompressConfig:

@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
-from vllm_kvcompress.eval.endpoint_runner import EndpointRunner
+from vllm_kvcompress.eval.endpoint_runner import EndpointRunner, vllm_xargs
 from vllm_kvcompress.eval.harness import evaluate
 from vllm_kvcompress.eval.samples import Sample
-from vllm_kvcompress.eval.settings import Setting
+from vllm_kvcompress.eval.settings import Setting, settings_grid
 from vllm_kvcompress.eval.tasks import make_samples
 from vllm_kvcompress.serve_process import CPU_DEFAULT_ARGS, VllmServer
 
@@ -107,3 +107,12 @@ def test_real_vllm_serve_with_policy_none_answers_like_the_reference_runner(
     by_index = {r.index: r.output for r in reference}
     assert {r.index: r.output for r in served} == by_index
     assert all(r.score == 1.0 for r in served)
+
+
+def test_a_quality_target_sends_kv_quality_and_resolves_a_budget_per_length():
+    curves = {"fractions": [0.25, 0.5, 1.0], "oracle": [0.7, 0.9, 1.0], "snapkv": [0.5, 0.8, 1.0]}
+    (setting,) = settings_grid(["snapkv"], [64], qualities=[0.8], curves=curves)
+    assert setting.label == "snapkv@q0.8" and setting.per_length
+    assert vllm_xargs(setting) == {"kv_policy": "snapkv", "kv_quality": 0.8}
+    assert setting.at_length(2000, shape=None).budget == 1000
+    assert setting.plugin_settings()["kv_quality_curves"] == curves

@@ -8,6 +8,10 @@ import torch
 
 from vllm_kvcompress.policies import Selection, StreamBatch
 
+# A learned budget profile for make_batch's 8 layers of 2 KV heads (mean share 1).
+PROFILE_SHARES = [[0.5, 1.5], [1.0, 1.0], [2.0, 0.25], [1.75, 0.5], [1.0, 1.0], [0.75, 1.25],
+                  [1.0, 0.5], [0.5, 1.5]]
+
 # (policy, kv_policy_args) pairs the property tests run: every policy, main variants.
 CASES = [
     ("streaming", {}),
@@ -32,8 +36,10 @@ CASES = [
     ("mikv", {"base": "ems", "key_bits": 2}),
     ("mikv", {"base": "h2o", "lowbit_budget": 5}),
     ("mikv", {"base": "cam", "outlier_balancing": False}),
+    ("snapkv", {"allocator": "profile", "head_shares": PROFILE_SHARES}),
 ]
-IDS = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in CASES]
+IDS = [name + "".join(f"-{k}={v}" for k, v in options.items() if k != "head_shares")
+       for name, options in CASES]
 
 
 def make_batch(lengths, num_kv_heads=2, group=2, head_dim=16, window=8, seed=0, layer=3,

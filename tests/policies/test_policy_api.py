@@ -67,8 +67,13 @@ def test_unknown_option_names_it_and_the_allowed_ones():
     message = str(error.value)
     assert "'kernel'" in message and "'snapkv'" in message
     assert "pool_kernel" in message and "allocator" in message
-    with pytest.raises(ValueError, match="unknown option 'allocator' for policy 'cam'"):
+    with pytest.raises(ValueError, match="allocator='pyramid': must be one of: uniform, profile "
+                                         r"\(policy 'cam'\)"):
         make_policy("cam", allocator="pyramid")
+    with pytest.raises(ValueError, match="allocator=profile needs kv_policy_args.head_shares"):
+        make_policy("cam", allocator="profile")
+    with pytest.raises(ValueError, match="head_shares=.*a list per layer of positive numbers"):
+        make_policy("cam", allocator="profile", head_shares=[[1.0, 0.0]])
 
 
 def test_unknown_option_of_a_composed_policy_names_the_base():

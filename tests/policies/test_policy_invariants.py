@@ -12,7 +12,7 @@ from policy_batches import (CASES, IDS, assert_same_selection, assert_same_strea
 from vllm_kvcompress.policies import apply_selection, make_policy
 from vllm_kvcompress.policies.base import ComposedPolicy
 from vllm_kvcompress.policies.ranking import protected_mask
-from vllm_kvcompress.policies.budgets import AdaKVAllocator
+from vllm_kvcompress.policies.budgets import AdaKVAllocator, ProfileAllocator
 
 LENGTHS = [40, 35, 22, 29, 40, 40, 9, 17]       # 4 requests x 2 KV heads, ragged
 BUDGET = 16
@@ -28,9 +28,11 @@ def batch(**kwargs):
 
 
 def head_coupled(policy) -> bool:
-    """Whether a stream's result depends on the other heads of its request."""
+    """Whether a stream's result depends on the other heads of its request (or, for a
+    budget profile, on which head it is)."""
     inner = policy.base if isinstance(policy, ComposedPolicy) else policy
-    return isinstance(inner.allocator, AdaKVAllocator) or inner.name == "elastic"
+    return (isinstance(inner.allocator, (AdaKVAllocator, ProfileAllocator))
+            or inner.name == "elastic")
 
 
 def merges(policy) -> bool:

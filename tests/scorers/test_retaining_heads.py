@@ -8,9 +8,10 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from vllm_kvcompress.scorers.retaining_heads import ModelShape, RetainingHeads
+from vllm_kvcompress.scorers.retaining_heads import RetainingHeads
 from vllm_kvcompress.scorers.rope import rotate
-from vllm_kvcompress.scorers.weights import check_model, load_heads
+from vllm_kvcompress.scorers.trained_scorer import ModelShape
+from vllm_kvcompress.scorers.weights import check_model, load_scorer
 
 CONFIG = LlamaConfig(num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                      hidden_size=96, head_dim=16, vocab_size=100, rope_theta=10000.0)
@@ -49,7 +50,7 @@ def test_weights_round_trip_and_model_check(tmp_path):
     heads = RetainingHeads(ModelShape.of_config(CONFIG), hidden=8)
     path = tmp_path / "locret-test.safetensors"
     heads.save(path, {"steps": 0})
-    loaded = load_heads(str(path))
+    loaded = load_scorer(str(path), "locret")
     for name, tensor in heads.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name])
     assert (tmp_path / "locret-test.json").read_text().strip().startswith("{")
@@ -57,8 +58,11 @@ def test_weights_round_trip_and_model_check(tmp_path):
     other = LlamaConfig(**{**CONFIG.to_dict(), "num_hidden_layers": 4})
     with pytest.raises(ValueError, match="trained for another model.*num_layers=3"):
         check_model(loaded, other)
+    with pytest.raises(ValueError, match="holds locret weights, not gate.*train gate"):
+        load_scorer(str(path), "gate")
 
 
-def test_missing_weights_name_the_training_command(tmp_path):
-    with pytest.raises(ValueError, match="vllm-kvcompress train locret"):
-        load_heads(str(tmp_path / "absent.safetensors"))
+@pytest.mark.parametrize("kind", ["locret", "gate"])
+def test_missing_weights_name_the_training_command(tmp_path, kind):
+    with pytest.raises(ValueError, match=f"vllm-kvcompress train {kind}"):
+        load_scorer(str(tmp_path / "absent.safetensors"), kind)

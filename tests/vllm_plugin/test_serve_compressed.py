@@ -62,7 +62,7 @@ def test_budget_above_context_matches_stock(server, prompts, stock):
     stock_texts = stock["texts"]
     # Per-request budget beyond every context: nothing is evicted, outputs are stock's.
     assert complete_all(server, prompts, {"budget": 4000}) == stock_texts
-    for policy in ("mikv", "think", "locret"):
+    for policy in ("mikv", "think", "locret", "attention_gate"):
         assert complete_all(server, prompts, {"kv_policy": policy, "budget": 4000}) == stock_texts
 
 
@@ -145,6 +145,8 @@ def test_gauges_count_running_requests_then_go_idle(server, prompts):
     ({"kv_policy": "locret", "kv_policy_args": '{"weights": "/etc/hostname"}'},
      "not allowed per request"),
     ({"kv_group": ""}, "a non-empty string of at most 256 characters or an integer"),
+    ({"kv_quality": 0.9}, "needs kv_quality_curves"),
+    ({"kv_quality": 0.9, "budget": 64}, "give one of them"),
 ])
 def test_bad_request_settings_are_http_400(server, extra, expected):
     with pytest.raises(urllib.error.HTTPError) as excinfo:

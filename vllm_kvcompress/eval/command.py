@@ -59,6 +59,13 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of --budgets: each policy's budget such that its KV bytes "
                              "are this share of full precision at each prompt length "
                              "(e.g. 0.125,0.25); low-bit tiers count by their packed size")
+    parser.add_argument("--kv-quality", default=None, metavar="Q[,Q...]",
+                        help="instead of --budgets: kv_quality targets in (0, 1]; the budget "
+                             "per prompt length comes from --kv-config's kv_quality_curves "
+                             "(the endpoint runner sends kv_quality to the server instead)")
+    parser.add_argument("--kv-config", default=None, metavar="FILE.yaml",
+                        help="a profile (`vllm-kvcompress profile`) whose kv_quality_curves "
+                             "--kv-quality reads (a path or a name from configs/)")
     parser.add_argument("--window", type=int, help="protected recent tokens (None: the policy's default)")
     parser.add_argument("--sinks", type=int, help="protected first tokens (None: the policy's default)")
     parser.add_argument("--interval", type=int, default=16, help="decode tokens between compressions")
@@ -138,7 +145,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     if len(token_ids) < args.prefix + args.scored:
         raise SystemExit(f"vllm-kvcompress eval: the text has {len(token_ids)} tokens, fewer than "
                          f"--prefix + --scored = {args.prefix + args.scored}")
-    settings = [setting.at_memory(args.prefix, runner.kv_shape) for setting in _settings(args)]
+    settings = [setting.at_length(args.prefix, runner.kv_shape) for setting in _settings(args)]
     started = time.monotonic()
     results = perplexity_check(
         runner, token_ids[:args.prefix + args.scored], args.prefix, settings,
@@ -172,7 +179,7 @@ def _feasible(settings: list, samples: list, shape: KVShape) -> list:
         errors = []
         for sample in samples:
             try:
-                setting.at_memory(sample.num_tokens, shape)
+                setting.at_length(sample.num_tokens, shape)
             except ValueError as error:
                 errors.append(str(error))
         if len(errors) < len(samples):
@@ -198,8 +205,23 @@ def _settings(args: argparse.Namespace):
     if any(not 0 < f <= 1 for f in fractions):
         raise SystemExit(f"vllm-kvcompress eval: --memory-fraction={args.memory_fraction}: "
                          "each must be in (0, 1]")
+    qualities = [float(q) for q in _split(args.kv_quality or "")]
+    if any(not 0 < q <= 1 for q in qualities):
+        raise SystemExit(f"vllm-kvcompress eval: --kv-quality={args.kv_quality}: each must be in (0, 1]")
+    curves = None
+    if qualities:
+        from vllm_kvcompress.config import KVCompressConfigError, load_preset
+
+        try:
+            curves = load_preset(args.kv_config).get("kv_quality_curves") if args.kv_config else None
+        except KVCompressConfigError as error:
+            raise SystemExit(f"vllm-kvcompress eval: {error}") from None
+        if curves is None:
+            raise SystemExit("vllm-kvcompress eval: --kv-quality needs --kv-config with "
+                             "kv_quality_curves (written by `vllm-kvcompress profile`)")
     settings = settings_grid(policies, [int(b) for b in _split(args.budgets)], args.window,
-                             args.sinks, args.interval, args.policy_args, fractions)
+                             args.sinks, args.interval, args.policy_args, fractions,
+                             qualities, curves)
     for setting in settings:   # a bad option fails here, naming it, not mid-run
         if not setting.dense:
             try:

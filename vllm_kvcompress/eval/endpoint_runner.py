@@ -18,7 +18,7 @@ from vllm_kvcompress.eval.settings import Setting
 
 # What a request may override on this plugin's server (vllm_plugin/request_settings.py,
 # REQUEST_KEYS); interval and sinks are the server's own flags.
-REQUEST_KEYS = ("kv_policy", "budget", "kv_window", "kv_policy_args")
+REQUEST_KEYS = ("kv_policy", "budget", "kv_quality", "kv_window", "kv_policy_args")
 
 # When to put a setting in the request body's `vllm_xargs`:
 #   auto:   compressed settings only (dense requests are plain, so stock servers answer them)

@@ -72,18 +72,18 @@ def evaluate(runner: Runner, samples: Sequence[Sample], settings: Sequence[Setti
         records.append(record)
         on_record(record)
 
-    if not any(setting.memory_fraction is not None for setting in settings):
+    if not any(setting.per_length for setting in settings):
         runner.run(samples, settings, on_answer)
         return records
     if shape is None:
-        raise ValueError("settings by memory fraction need the model's KV shape")
+        raise ValueError("settings by memory fraction or quality need the model's KV shape")
     for length in dict.fromkeys(sample.target_length for sample in samples):
         group = [sample for sample in samples if sample.target_length == length]
         shortest = min(sample.num_tokens for sample in group)
         resolved = []
         for setting in settings:
             try:
-                resolved.append(setting.at_memory(shortest, shape))
+                resolved.append(setting.at_length(shortest, shape))
             except ValueError as error:
                 on_skip(setting, length, str(error))
         runner.run(group, resolved, on_answer)

@@ -41,6 +41,7 @@ class LayerStreams:
                       ranks, lengths), None before a policy with one compressed the layer
     narrow_lengths:   [H] int64 narrow-key slots at the start of each stream
     key_scales:       [H, D] float32 how the second tier stores keys (0 = not fixed yet)
+    scorer_state:     [1, H, N] a stateful trained scorer's context (None without one)
     """
 
     keys: torch.Tensor
@@ -53,6 +54,7 @@ class LayerStreams:
     low: TierView | None = None
     narrow_lengths: torch.Tensor | None = None
     key_scales: torch.Tensor | None = None
+    scorer_state: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, num_kv_heads: int, group: int, head_size: int, window: int,

@@ -6,7 +6,8 @@ layer's queries, keys and values after RoPE (computed at the positions the calle
 as `position_ids`). No causal mask is built for unknown implementations, and no
 transformers Cache is used: the streams passed as the `kv_streams` keyword are the cache.
 A trained scorer passed as `kv_scorer` scores the new tokens as they are written (their
-acc_scores), and attention is then not accumulated.
+acc_scores; a stateful one keeps its context in the streams), and attention is then not
+accumulated.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def streams_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     queries = query[0].view(heads, query_heads // heads, new, head_size)
     scores = None
     if kv_scorer is not None:
+        if streams.scorer_state is None:
+            streams.scorer_state = kv_scorer.new_state(1, heads)
         scores = kv_scorer.score(module.layer_idx, queries.permute(2, 0, 1, 3),
-                                 key[0].transpose(0, 1), value[0].transpose(0, 1), positions).T
+                                 key[0].transpose(0, 1), value[0].transpose(0, 1), positions,
+                                 state=streams.scorer_state).T
     streams.append(key[0], value[0], positions, scores)
     streams.push_queries(queries, positions)
     output = attend_new_tokens(streams, queries, scaling, PREFILL_CHUNK,

@@ -7,6 +7,7 @@ package registers every policy module with the registry.
 
 from vllm_kvcompress.policies import (  # noqa: F401  (each module registers its policy)
     adakv,
+    attention_gate,
     cam,
     d2o,
     elastic,

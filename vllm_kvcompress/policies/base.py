@@ -14,7 +14,7 @@ import torch
 
 from vllm_kvcompress.policies.budgets import make_allocator
 from vllm_kvcompress.policies.options import (Option, check_count, choice, integer, layer_list,
-                                              number, resolve_options)
+                                              number, resolve_options, share_matrix)
 from vllm_kvcompress.policies.ranking import protected_mask, top_k_with_protection
 from vllm_kvcompress.policies.selection import SecondTier, Selection
 from vllm_kvcompress.policies.stream_batch import StreamBatch
@@ -24,7 +24,10 @@ _ALLOCATOR_OPTIONS = {
     "alpha": (("adakv", "pyramid_adakv"), number(0.2, 0.0, 1.0)),
     "beta": (("pyramid", "pyramid_adakv"), integer(20, 1)),
     "full_layers": (("d2o",), layer_list((0, 1, -1))),
+    "head_shares": (("profile",), share_matrix(None)),
 }
+# Every policy can take a learned budget profile (`vllm-kvcompress profile`) as allocator.
+PROFILE = "profile"
 
 
 class Policy:
@@ -49,7 +52,8 @@ class Policy:
     write_scorer: Any = None
     default_window: ClassVar[int | None] = 32
     default_sinks: ClassVar[int | None] = 0
-    # Budget allocators the policy accepts as `allocator:`; the first is its default.
+    # Budget allocators the policy accepts as `allocator:`; the first is its default (every
+    # policy also accepts `profile`, a learned per-head profile).
     allocators: ClassVar[tuple[str, ...]] = ("uniform",)
     # The policy's own kv_policy_args (allocator options are added by option_specs).
     options_spec: ClassVar[dict[str, Option]] = {}
@@ -71,10 +75,10 @@ class Policy:
     def option_specs(cls) -> dict[str, Option]:
         """Every option the policy accepts: its own plus those of its allocators."""
         specs = dict(cls.options_spec)
-        if len(cls.allocators) > 1:
-            specs["allocator"] = choice(cls.allocators[0], *cls.allocators)
+        allocators = (*cls.allocators, PROFILE)
+        specs["allocator"] = choice(allocators[0], *allocators)
         for key, (users, spec) in _ALLOCATOR_OPTIONS.items():
-            if any(name in users for name in cls.allocators):
+            if any(name in users for name in allocators):
                 specs[key] = spec
         return specs
 

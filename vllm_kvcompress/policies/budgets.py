@@ -8,6 +8,8 @@ Promises the scheduler's page accounting relies on (`max_layer_budget`):
 - adakv: the budgets of a request's H streams in a layer sum to H times the layer-level
   budget (C, or pyramid's); single heads may get more or less.
 - d2o: layer budgets from attention densities; layers kept full are unbounded (NO_LIMIT).
+- profile: stream (layer l, KV head h) gets its learned share of C, and at least C or its
+  length (a budget covering the context changes nothing); at most the largest share's.
 A stream's budget may exceed its length; it then keeps everything.
 """
 
@@ -126,9 +128,37 @@ class D2OAllocator(BudgetAllocator):
         return budget * num_layers
 
 
+class ProfileAllocator(BudgetAllocator):
+    """A learned budget profile (`vllm-kvcompress profile`): stream (l, h) keeps
+    reserved + floor(share[l][h] * (C - reserved)); the shares average 1 over the model,
+    so a request keeps about what `uniform` keeps, placed where the heads need it. A
+    stream within C keeps everything, as under `uniform`."""
+
+    name = "profile"
+
+    def __init__(self, head_shares: list[list[float]]):
+        self.shares = torch.tensor(head_shares, dtype=torch.float64)              # [L, H]
+
+    def allocate(self, batch, budget, reserved, scores=None, protected=None):
+        heads = slice(batch.first_head, batch.first_head + batch.num_kv_heads)
+        if self.shares.shape[0] != batch.num_layers or heads.stop > self.shares.shape[1]:
+            raise ValueError(f"head_shares is {list(self.shares.shape)} (layers x KV heads); the "
+                             f"model has {batch.num_layers} layers and KV heads {heads.start}..{heads.stop - 1} here")
+        shares = self.shares[batch.layer, heads].repeat(batch.num_requests).to(batch.lengths.device)
+        shared = reserved + torch.floor(shares * max(budget - reserved, 0)).long()
+        within = batch.lengths <= budget
+        return torch.where(within, torch.maximum(shared, batch.lengths), shared)
+
+    def max_layer_budget(self, budget, reserved, num_layers):
+        # Any head's share bounds a layer's mean on every tensor-parallel rank.
+        largest = reserved + math.floor(float(self.shares.max()) * max(budget - reserved, 0))
+        return max(largest, budget)
+
+
 def make_allocator(name: str, alpha: float = 0.2, beta: int = 20,
-                   full_layers: tuple[int, ...] = (0, 1, -1)) -> BudgetAllocator:
-    """The allocator called `name`: uniform, pyramid, adakv, pyramid_adakv or d2o."""
+                   full_layers: tuple[int, ...] = (0, 1, -1),
+                   head_shares: list[list[float]] | None = None) -> BudgetAllocator:
+    """The allocator called `name`: uniform, pyramid, adakv, pyramid_adakv, d2o or profile."""
     if name == "uniform":
         return UniformAllocator()
     if name == "pyramid":
@@ -139,7 +169,13 @@ def make_allocator(name: str, alpha: float = 0.2, beta: int = 20,
         return AdaKVAllocator(PyramidAllocator(beta), alpha)
     if name == "d2o":
         return D2OAllocator(tuple(full_layers))
-    raise ValueError(f"allocator={name!r}: must be one of: uniform, pyramid, adakv, pyramid_adakv, d2o")
+    if name == "profile":
+        if head_shares is None:
+            raise ValueError("allocator=profile needs kv_policy_args.head_shares (write a profile "
+                             "with `vllm-kvcompress profile` and pass it as --kv-config)")
+        return ProfileAllocator(head_shares)
+    raise ValueError(f"allocator={name!r}: must be one of: uniform, pyramid, adakv, pyramid_adakv, "
+                     "d2o, profile")
 
 
 # ---------------------------------------------------------------------------- PyramidKV

@@ -65,6 +65,14 @@ def layer_list(default: tuple[int, ...]) -> Option:
                   and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
 
 
+def share_matrix(default: None) -> Option:
+    return Option(default, "a list per layer of positive numbers per KV head (equal lengths)",
+                  lambda v: isinstance(v, list) and len(v) > 0
+                  and all(isinstance(row, list) and len(row) == len(v[0]) > 0 for row in v)
+                  and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                          and math.isfinite(x) and x > 0 for row in v for x in row))
+
+
 def resolve_options(policy: str, specs: dict[str, Option], options: dict[str, Any]) -> dict[str, Any]:
     """Defaults overridden by `options`; ValueError naming a bad or unknown option."""
     unknown = sorted(set(options) - set(specs))

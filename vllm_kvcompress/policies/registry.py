@@ -28,6 +28,7 @@ KNOWN_POLICIES = (
     "think",
     "mikv",
     "locret",
+    "attention_gate",
 )
 
 _IMPLEMENTED: dict[str, type[Policy]] = {}

@@ -35,6 +35,7 @@ class StreamBatch:
     window_positions: [N, W] int64 | None  token positions of those queries (-1 = absent,
                       when the request has fewer than W tokens).
     num_kv_heads:     H
+    first_head:       the model's index of the first of the H heads (tensor parallelism)
     layer:            index of this layer, num_layers: how many layers the model has
     scale:            softmax scale of the attention (usually D ** -0.5)
     layer_densities:  [R, num_layers] float32 | None  D2O only (Policy.needs_layer_densities):
@@ -54,6 +55,7 @@ class StreamBatch:
     window_queries: torch.Tensor | None = None
     window_positions: torch.Tensor | None = None
     layer_densities: torch.Tensor | None = None
+    first_head: int = 0
 
     @property
     def num_streams(self) -> int:

@@ -1,2 +1,4 @@
-"""Trained token scorers: small networks that score each KV slot from its own q, k, v
-when the slot is written (no attention probabilities needed). Plain torch, no vLLM."""
+"""Trained token scorers: small networks that score each KV slot from its q, k, v when the
+slot is written (no attention probabilities needed). Plain torch, no vLLM."""
+
+from vllm_kvcompress.scorers import attention_gate, retaining_heads  # noqa: F401  (register)

@@ -1,4 +1,4 @@
-"""A frozen model's forward that records, per layer, what the retaining heads learn from.
+"""A frozen model's forward that records, per layer, what a trained scorer learns from.
 
 Registered with transformers' AttentionInterface under CAPTURE_NAME; the model attends as
 usual (causal SDPA) and, for an Example, each layer records for the tokens before its
@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 
 from vllm_kvcompress.policies import StreamBatch, make_policy
 from vllm_kvcompress.policies.scoring import attention_probs
-from vllm_kvcompress.scorers.retaining_heads import RetainingHeads
+from vllm_kvcompress.scorers.trained_scorer import TrainedScorer
 
 CAPTURE_NAME = "kvcompress_capture"
 # The baseline the held-out recall compares with, at its published defaults.
@@ -26,11 +26,12 @@ SNAPKV = make_policy("snapkv")
 
 @dataclass
 class Capture:
-    """What one forward records, per layer: features [r, H, I], labels [r, H] float32,
-    snapkv [r, H] (only with snapkv_end), key_norms [r, H]; r = region_start."""
+    """What one forward records, per layer: features [r, H, I] (only with heads), labels
+    [r, H] float32, snapkv [r, H] (only with snapkv_end), key_norms [r, H]; r = region_start."""
 
-    heads: RetainingHeads
+    heads: TrainedScorer | None
     region_start: int
+    num_layers: int
     snapkv_end: int | None = None
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     labels: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -56,9 +57,10 @@ def capture_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         probs = attention_probs(queries[:, :, r:], keys, lengths, positions,
                                 positions[:, r:], scaling)
         capture.labels[module.layer_idx] = probs.amax(dim=(1, 2))[:, :r].T.contiguous()
-        capture.features[module.layer_idx] = capture.heads.features(
-            queries[:, :, :r].permute(2, 0, 1, 3), keys[:, :r].transpose(0, 1),
-            value[0, :, :r].transpose(0, 1), position_ids[0, :r])
+        if capture.heads is not None:
+            capture.features[module.layer_idx] = capture.heads.features(
+                queries[:, :, :r].permute(2, 0, 1, 3), keys[:, :r].transpose(0, 1),
+                value[0, :, :r].transpose(0, 1), position_ids[0, :r])
         capture.key_norms[module.layer_idx] = keys[:, :r].float().norm(dim=-1).T
         if capture.snapkv_end is not None:
             capture.snapkv[module.layer_idx] = _snapkv_scores(
@@ -75,7 +77,7 @@ def _snapkv_scores(capture: Capture, layer: int, queries: torch.Tensor, keys: to
     batch = StreamBatch(
         keys=keys[:, :end], values=values[:, :end], lengths=torch.full((heads,), end),
         positions=positions, acc_scores=torch.zeros(heads, end), num_kv_heads=heads,
-        layer=layer, num_layers=capture.heads.shape.num_layers, scale=scale,
+        layer=layer, num_layers=capture.num_layers, scale=scale,
         window_queries=queries[:, :, end - SNAPKV.window:end],
         window_positions=positions[:, end - SNAPKV.window:])
     return SNAPKV.score(batch)

@@ -29,7 +29,7 @@ from vllm_kvcompress.vllm_plugin.metrics import collect_engine_processes
 
 # argparse dest -> KVCompressConfig field (same names: the flags map 1:1).
 FLAG_FIELDS = ("kv_policy", "budget", "kv_window", "kv_sinks", "kv_interval", "kv_prefill_mode",
-               "kv_cache_replacement", "kv_trace", "kv_scheduling")
+               "kv_quality", "kv_cache_replacement", "kv_trace", "kv_scheduling")
 
 
 def add_compression_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +63,12 @@ def add_compression_flags(parser: argparse.ArgumentParser) -> None:
         "--kv-prefill-mode", choices=("full", "chunked"), default=None,
         help="full: compress once the whole prompt is in (default); chunked: after "
         "every prefill chunk (bounded memory for prompts larger than the cache).",
+    )
+    group.add_argument(
+        "--kv-quality", type=float, default=None,
+        help="Instead of --budget: per request, the smallest budget whose predicted "
+        "retention of attention reaches this target in (0, 1] (needs a profile's "
+        "kv_quality_curves in --kv-config, see `vllm-kvcompress profile`).",
     )
     group.add_argument(
         "--kv-cache-replacement", choices=("lru", "predicted"), default=None,

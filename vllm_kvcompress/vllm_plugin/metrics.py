@@ -57,6 +57,11 @@ class CompressionMetrics:
         self.bytes_kept = _metric(Gauge, "vllm:kv_compress_bytes_kept",
                                   "KV bytes the running requests' streams hold (both tiers)",
                                   multiprocess_mode="livesum")
+        self.quality_requests = _metric(Counter, "vllm:kv_compress_quality_requests",
+                                        "Requests whose budget a kv_quality target chose")
+        self.quality_budget = _metric(Counter, "vllm:kv_compress_quality_budget",
+                                      "Sum of the budgets kv_quality targets chose "
+                                      "(divide by quality_requests for the mean)")
         self._gauge_clock, self._log_clock = Every(GAUGE_INTERVAL_S), Every(LOG_INTERVAL_S)
         self._idle = False
         self.compression_total_s = 0.0
@@ -67,6 +72,12 @@ class CompressionMetrics:
         if self.publish:
             self.compression_seconds.inc(seconds)
             self.compressions.inc(requests)
+
+    def add_quality_budget(self, budget: int) -> None:
+        logger.debug("kv_quality chose budget %d", budget)
+        if self.publish:
+            self.quality_requests.inc()
+            self.quality_budget.inc(budget)
 
     def add_step(self, seconds: float) -> None:
         self.step_total_s += seconds

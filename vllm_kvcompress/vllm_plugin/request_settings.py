@@ -1,6 +1,6 @@
 """Per-request compression settings: the server's, overridden by a request's extra args.
 
-A request may set `kv_policy`, `budget`, `kv_window` and `kv_policy_args` through the
+A request may set `kv_policy`, `budget` (or `kv_quality`), `kv_window` and `kv_policy_args` through the
 OpenAI body's `vllm_xargs` (or `SamplingParams(extra_args=...)` offline; vLLM's HTTP API
 takes no nested objects there, so `kv_policy_args` may come as a JSON string). The same
 function validates them in the API server (a bad value is an HTTP 400) and resolves them
@@ -15,10 +15,11 @@ from typing import Any
 
 from vllm_kvcompress.config import KVCompressConfig, KVCompressConfigError
 from vllm_kvcompress.policies import Policy, make_policy
+from vllm_kvcompress.policies.quality_budget import budget_for_quality
 from vllm_kvcompress.scorers.weights import check_model
 
 # Keys a request may override; the rest (interval, prefill mode, sinks) are per server.
-REQUEST_KEYS = ("kv_policy", "budget", "kv_window", "kv_policy_args")
+REQUEST_KEYS = ("kv_policy", "budget", "kv_quality", "kv_window", "kv_policy_args")
 
 # Queries the workers keep per request and layer (observation window) at the least, so
 # requests can pick a policy with a window of that size on any server.
@@ -73,11 +74,25 @@ def request_overrides(extra_args: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any] | None,
-                             max_model_len: int) -> KVCompressConfig:
-    """The settings for one request. Raises KVCompressConfigError on a bad override."""
-    overrides = request_overrides(extra_args)
+                             max_model_len: int, prompt_len: int | None = None) -> KVCompressConfig:
+    """The settings for one request of `prompt_len` tokens (None: not known yet, as in the
+    API server; a kv_quality target then leaves the budget as it is). Raises
+    KVCompressConfigError on a bad override."""
+    settings = _overridden(server, request_overrides(extra_args), max_model_len)
+    if settings.kv_quality is None or prompt_len is None or not settings.enabled:
+        return settings
+    budget = budget_for_quality(settings.kv_quality_curves, settings.kv_policy,
+                                settings.kv_quality, prompt_len)
+    return settings.model_copy(update={"budget": budget})
+
+
+def _overridden(server: KVCompressConfig, overrides: dict[str, Any],
+                max_model_len: int) -> KVCompressConfig:
     if not overrides:
         return server
+    if "budget" in overrides and "kv_quality" in overrides:
+        raise KVCompressConfigError("budget and kv_quality: give one of them (kv_quality "
+                                    "picks the budget)")
     if isinstance(overrides.get("kv_policy_args"), dict) and "weights" in overrides["kv_policy_args"]:
         # A client must not make the server read files of its choosing.
         raise KVCompressConfigError("kv_policy_args.weights: a server setting "
@@ -88,6 +103,8 @@ def resolve_request_settings(server: KVCompressConfig, extra_args: dict[str, Any
             "server (start it with --kv-policy <policy>)"
         )
     values = server.model_dump()
+    if "budget" in overrides:
+        values["kv_quality"] = None  # a fixed budget replaces the server's target
     if overrides.get("kv_policy", server.kv_policy) != server.kv_policy:
         values["kv_policy_args"] = {}   # the server's options belong to the server's policy
     settings = KVCompressConfig.from_dict({**values, **overrides})

@@ -29,6 +29,8 @@ from vllm_kvcompress.kernels.dispatch import requested_impl
 from vllm_kvcompress.policies import Policy, StreamBatch
 from vllm_kvcompress.policies.budgets import attention_density
 from vllm_kvcompress.policies.selection import SecondTier
+from vllm_kvcompress.scorers.scorer_states import ScorerStates
+from vllm_kvcompress.scorers.trained_scorer import TrainedScorer
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
     NativeStep,
@@ -99,17 +101,27 @@ class AttentionPart:
     route: TorchRoute | None
 
 
+class ScorerRows(NamedTuple):
+    """A trained scorer of the step, its rows [tokens] bool (None: every row), where each
+    of its R' requests' rows start among them, segments [R' + 1] (CPU), and their cache
+    slots [R'] (which hold their contexts in ScorerStates)."""
+
+    scorer: TrainedScorer
+    rows: torch.Tensor | None
+    segments: torch.Tensor
+    slots: torch.Tensor
+
+
 @dataclass
 class StepPlan:
     """The attention metadata of one step, shared by every layer.
 
     slot_ids [L, tokens, H] where each layer writes its new K/V; positions [tokens] token
     positions; scorers: the trained scorers that score the new tokens as they are
-    written, each with its rows [tokens] bool (None: every row); attention: one part, or
-    two when only some requests' policies accumulate attention (they take the torch
-    path, the others vLLM's kernel); density_slots: the requests whose policy needs
-    layer densities and whose prompt completes (or first compression comes) in this step
-    (None: none).
+    written, each with its rows; attention: one part, or two when only some requests'
+    policies accumulate attention (they take the torch path, the others vLLM's kernel);
+    density_slots: the requests whose policy needs layer densities and whose prompt
+    completes (or first compression comes) in this step (None: none).
     Groups whose policy needs layer densities compress every layer after the last one
     attended (layer 0's budget depends on every layer's density).
     """
@@ -121,7 +133,12 @@ class StepPlan:
     attention: list[AttentionPart]
     groups: list[tuple[Policy, int, torch.Tensor]]
     density_slots: torch.Tensor | None = None
-    scorers: list[tuple[object, torch.Tensor | None]] = field(default_factory=list)
+    scorers: list[ScorerRows] = field(default_factory=list)
+
+
+def _offsets(lens: torch.Tensor) -> torch.Tensor:
+    """[R + 1] where each of R consecutive runs of `lens` [R] rows starts (and the end)."""
+    return torch.cat([lens.new_zeros(1), lens.cumsum(0)])
 
 
 class CompressionRuntime:
@@ -162,6 +179,9 @@ class CompressionRuntime:
         # its first compression in chunked prefill mode), by cache slot.
         self.layer_densities = torch.zeros(max_requests, self.num_layers,
                                            device=kv_caches[0].device)
+        # The attention gate's running context of each request, by cache slot.
+        self.scorer_states = ScorerStates(max_requests, self.num_layers, num_kv_heads,
+                                          kv_caches[0].device)
         self.requests: dict[str, RequestStreams] = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
         self.metrics = CompressionMetrics(publish=get_tensor_model_parallel_rank() == 0)
@@ -180,13 +200,18 @@ class CompressionRuntime:
 
     def _admit(self, req_id: str, req_state) -> RequestStreams:
         extra_args = req_state.sampling_params.extra_args if req_state.sampling_params else None
-        settings = resolve_request_settings(self.server, extra_args, self.max_model_len)
+        settings = resolve_request_settings(self.server, extra_args, self.max_model_len,
+                                            prompt_len=req_state.num_prompt_tokens)
+        if settings.kv_quality is not None and settings.enabled:
+            self.metrics.add_quality_budget(settings.budget)
         policy = policy_for(settings) if settings.enabled else None
         schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
                                 self.head_size, self.dtype)
         streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
                                  prompt_len=req_state.num_prompt_tokens)
         self.requests[req_id] = streams
+        if policy is not None and policy.write_scorer is not None:
+            self.scorer_states.clear(policy.write_scorer, streams.slot)
         return streams
 
     def _sync_pages(self, streams: RequestStreams, block_ids: list[int], num_computed: int) -> None:
@@ -275,16 +300,22 @@ class CompressionRuntime:
             groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
                     for g in groups.values()],
             density_slots=torch.tensor(density_slots, device=device) if density_slots else None,
-            scorers=self._scorer_rows(scorers, lens, device))
+            scorers=self._scorer_rows(scorers, lens, slot_tensor))
 
     @staticmethod
-    def _scorer_rows(scorers: list, lens: torch.Tensor, device) -> list[tuple[object, torch.Tensor | None]]:
-        """Each distinct trained scorer of the step with the token rows it scores."""
+    def _scorer_rows(scorers: list, lens: torch.Tensor, slots: torch.Tensor) -> list[ScorerRows]:
+        """Each distinct trained scorer of the step with the token rows it scores, where
+        each of its requests' rows start among them, and the requests' slots."""
         distinct = [s for s in dict.fromkeys(scorers) if s is not None]
         if len(distinct) == 1 and all(s is distinct[0] for s in scorers):
-            return [(distinct[0], None)]
-        return [(scorer, torch.repeat_interleave(torch.tensor([s is scorer for s in scorers]),
-                                                 lens).to(device)) for scorer in distinct]
+            return [ScorerRows(distinct[0], None, _offsets(lens), slots)]
+        parts = []
+        for scorer in distinct:
+            members = torch.tensor([s is scorer for s in scorers])
+            rows = torch.repeat_interleave(members, lens).to(slots.device)
+            parts.append(ScorerRows(scorer, rows, _offsets(lens[members]),
+                                    slots[members.to(slots.device)]))
+        return parts
 
     def _route(self, streams: RequestStreams) -> TorchRoute | None:
         """The torch path for a request whose policy reads each slot's attention
@@ -370,14 +401,22 @@ class CompressionRuntime:
         if not plan.scorers:
             return None
         queries = query.reshape(key.shape[0], self.num_kv_heads, -1, self.head_size)
-        if len(plan.scorers) == 1 and plan.scorers[0][1] is None:  # the usual step: one scorer
-            return plan.scorers[0][0].score(layer, queries, key, value, plan.positions,
-                                            first_head=self.first_kv_head)
+        if len(plan.scorers) == 1 and plan.scorers[0].rows is None:  # the usual step: one scorer
+            return self._score_part(layer, plan.scorers[0], queries, key, value, plan.positions)
         scores = torch.zeros(key.shape[:2], dtype=torch.float32, device=key.device)
-        for scorer, rows in plan.scorers:
-            take = slice(None) if rows is None else rows
-            scores[take] = scorer.score(layer, queries[take], key[take], value[take],
-                                        plan.positions[take], first_head=self.first_kv_head)
+        for part in plan.scorers:
+            take = part.rows
+            scores[take] = self._score_part(layer, part, queries[take], key[take], value[take],
+                                            plan.positions[take])
+        return scores
+
+    def _score_part(self, layer: int, part: ScorerRows, queries: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        state = self.scorer_states.read(part.scorer, part.slots, layer)
+        scores = part.scorer.score(layer, queries, key, value, positions,
+                                   first_head=self.first_kv_head, segments=part.segments,
+                                   state=state)
+        self.scorer_states.write(part.scorer, part.slots, layer, state)
         return scores
 
     def _record_densities(self, layer: int, slots: torch.Tensor) -> None:
@@ -405,7 +444,7 @@ class CompressionRuntime:
             positions=view.positions, acc_scores=view.scores,
             num_kv_heads=self.num_kv_heads, layer=layer, num_layers=self.num_layers,
             scale=scale, window_queries=window_queries, window_positions=window_positions,
-            layer_densities=densities)
+            layer_densities=densities, first_head=self.first_kv_head)
         self.cache.compact(layer, slots, policy.compress(batch, budget))
 
     def report(self) -> None:

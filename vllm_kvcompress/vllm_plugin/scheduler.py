@@ -57,7 +57,8 @@ class KVCompressScheduler(PrefixCacheScheduler):
     def add_request(self, request) -> None:
         if request.request_id not in self.requests and request.sampling_params is not None:
             settings = resolve_request_settings(
-                self.settings, request.sampling_params.extra_args, self.max_model_len)
+                self.settings, request.sampling_params.extra_args, self.max_model_len,
+                prompt_len=request.num_prompt_tokens)
             schedule = schedule_for(settings, self.block_size, self.num_layers,
                                     self.prefix_caching, self.head_size, self.dtype)
             self.compressed_manager.schedules[request.request_id] = schedule

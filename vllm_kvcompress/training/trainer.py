@@ -1,9 +1,11 @@
-"""Training Locret's retaining heads on a frozen model, and their held-out recall.
+"""Training a trained scorer (Locret's retaining heads, Attention-Gate) on a frozen model,
+and its held-out recall.
 
 One step = one Example (training/examples.py) through the frozen model; every layer's
-heads regress the log of their labels (SmoothL1, as the paper's loss, on a log scale
-because attention is heavy-tailed and only the order matters for top-k). Seeded: the
-same seed gives the same examples, initial weights and losses.
+scorer regresses the log of its labels (SmoothL1, Locret's loss; for the gate, distillation
+of the same attention labels), on a log scale because attention is heavy-tailed and only
+the order matters for top-k. Seeded: the same seed gives the same examples, initial
+weights and losses.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_kvcompress.scorers.retaining_heads import ModelShape, RetainingHeads
+from vllm_kvcompress.scorers.trained_scorer import SCORERS, ModelShape, TrainedScorer
 from vllm_kvcompress.training.capture import CAPTURE_NAME, SNAPKV, Capture
 from vllm_kvcompress.training.examples import Example, make_example
 
@@ -23,6 +25,8 @@ from vllm_kvcompress.training.examples import Example, make_example
 LABEL_FLOOR = 1e-4
 # Sink tokens every policy keeps (streaming's default), left out of the recall.
 SINKS = 4
+# The held-out examples' random stream (the shipped cards were measured on it).
+HELD_OUT_STREAM = "locret/held-out"
 
 
 class FrozenModel:
@@ -37,8 +41,10 @@ class FrozenModel:
         self.model.requires_grad_(False)
         self.shape = ModelShape.of_config(self.model.config)
 
-    def capture(self, heads: RetainingHeads, example: Example, snapkv: bool = False) -> Capture:
-        capture = Capture(heads, example.region_start,
+    def capture(self, heads: TrainedScorer | None, example: Example, snapkv: bool = False) -> Capture:
+        """One forward over the example; heads: the scorer whose features to record (None:
+        none); snapkv: also the snapkv policy's scores of the prompt."""
+        capture = Capture(heads, example.region_start, self.shape.num_layers,
                           snapkv_end=example.prompt_len if snapkv else None)
         ids = torch.tensor([example.token_ids])
         with torch.no_grad():
@@ -47,13 +53,13 @@ class FrozenModel:
         return capture
 
 
-def fit_input_scale(heads: RetainingHeads, capture: Capture) -> None:
+def fit_input_scale(heads: TrainedScorer, capture: Capture) -> None:
     """Fix in_scale to 1 / std of each input feature on this capture (per layer, head)."""
     for layer, features in capture.features.items():
         heads.in_scale[layer] = 1.0 / features.std(dim=0).clamp_min(1e-3)
 
 
-def capture_loss(heads: RetainingHeads, capture: Capture) -> torch.Tensor:
+def capture_loss(heads: TrainedScorer, capture: Capture) -> torch.Tensor:
     """Mean over layers of SmoothL1(prediction, log(max(label, floor)))."""
     losses = [F.smooth_l1_loss(heads(layer, features),
                                capture.labels[layer].clamp_min(LABEL_FLOOR).log())
@@ -61,14 +67,16 @@ def capture_loss(heads: RetainingHeads, capture: Capture) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def train_locret(frozen: FrozenModel, steps: int, seed: int = 0, num_words: int = 700,
-                 lr: float = 2e-3, hidden: int = 64,
-                 progress: Callable[[int, float], None] | None = None) -> tuple[RetainingHeads, list[float]]:
-    """Fit fresh heads for `steps` examples of about num_words filler words; returns the
-    heads and the loss of every step."""
+def train_scorer(frozen: FrozenModel, kind: str, steps: int, seed: int = 0,
+                 num_words: int = 700, lr: float = 2e-3, hidden: int | None = None,
+                 progress: Callable[[int, float], None] | None = None) -> tuple[TrainedScorer, list[float]]:
+    """Fit a fresh scorer of `kind` (scorers.SCORERS) for `steps` examples of about
+    num_words filler words; hidden: its width (None: the kind's default). Returns the
+    scorer and the loss of every step."""
     torch.manual_seed(seed)
-    rng = random.Random(f"{seed}/locret/train")
-    heads = RetainingHeads(frozen.shape, hidden=hidden)
+    rng = random.Random(f"{seed}/{kind}/train")
+    cls = SCORERS[kind]
+    heads = cls(frozen.shape) if hidden is None else cls(frozen.shape, hidden=hidden)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     losses = []
@@ -88,17 +96,19 @@ def train_locret(frozen: FrozenModel, steps: int, seed: int = 0, num_words: int 
 
 
 def held_out_examples(frozen: FrozenModel, count: int, seed: int, num_words: int) -> list[Example]:
-    rng = random.Random(f"{seed}/locret/held-out")
+    rng = random.Random(f"{seed}/{HELD_OUT_STREAM}")
     return [make_example(frozen.tokenizer, rng, num_words) for _ in range(count)]
 
 
-def recall_at_budget(frozen: FrozenModel, heads: RetainingHeads, examples: Sequence[Example],
+def recall_at_budget(frozen: FrozenModel, heads: TrainedScorer, examples: Sequence[Example],
                      budgets: Sequence[int]) -> dict[str, dict[int, float]]:
     """Mean over examples, layers and KV heads of |top-B by method & top-B by label| / B,
     among the tokens before the region less the sinks and the last SNAPKV.window (which
-    every policy keeps). Methods: locret, key_norm (smallest keys), streaming (most recent),
-    snapkv (window attention of the prompt's last queries, max-pooled)."""
-    sums = {m: {b: 0.0 for b in budgets} for m in ("locret", "key_norm", "streaming", "snapkv")}
+    every policy keeps). Methods: the scorer (by its kind), key_norm (smallest keys),
+    streaming (most recent), snapkv (window attention of the prompt's last queries,
+    max-pooled)."""
+    methods = (heads.kind, "key_norm", "streaming", "snapkv")
+    sums = {m: {b: 0.0 for b in budgets} for m in methods}
     count = 0
     for example in examples:
         capture = frozen.capture(heads, example, snapkv=True)
@@ -108,7 +118,7 @@ def recall_at_budget(frozen: FrozenModel, heads: RetainingHeads, examples: Seque
         for layer in capture.features:
             with torch.no_grad():
                 scores = {
-                    "locret": heads(layer, capture.features[layer]),
+                    heads.kind: heads(layer, capture.features[layer]),
                     "key_norm": -capture.key_norms[layer],
                     "streaming": positions[:, None].expand_as(capture.labels[layer]),
                     "snapkv": capture.snapkv[layer],

@@ -1,4 +1,4 @@
-"""Training the retaining heads on the bundled model: seeded, and the loss falls."""
+"""Training the trained scorers on the bundled model: seeded, and the loss falls."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 
 from vllm_kvcompress.training.examples import make_example
-from vllm_kvcompress.training.locret import FrozenModel, train_locret
+from vllm_kvcompress.training.trainer import FrozenModel, train_scorer
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,12 @@ def test_examples_put_the_question_after_the_context(frozen):
     assert kinds == {"passkey", "needle", "plain"}
 
 
-def test_training_is_seeded_and_the_loss_falls(frozen):
-    _, losses = train_locret(frozen, steps=4, seed=3, num_words=150)
-    _, repeat = train_locret(frozen, steps=4, seed=3, num_words=150)
-    _, other_seed = train_locret(frozen, steps=4, seed=4, num_words=150)
+@pytest.mark.parametrize("kind", ["locret", "gate"])
+def test_training_is_seeded_and_the_loss_falls(frozen, kind):
+    _, losses = train_scorer(frozen, kind, steps=4, seed=3, num_words=150)
+    _, repeat = train_scorer(frozen, kind, steps=4, seed=3, num_words=150)
+    _, other_seed = train_scorer(frozen, kind, steps=4, seed=4, num_words=150)
     assert repeat == losses
     assert other_seed != losses
-    _, longer = train_locret(frozen, steps=16, seed=3, num_words=150)
+    _, longer = train_scorer(frozen, kind, steps=16, seed=3, num_words=150)
     assert sum(longer[-4:]) / 4 < 0.5 * sum(longer[:4]) / 4

@@ -1,6 +1,6 @@
-"""locret inside vLLM: weights checked against the served model before it starts, and
-chunked prefill for prompts larger than the KV cache. (Its kept tokens equal the reference
-runner's: test_reference_agreement.py.)"""
+"""Trained-scorer policies inside vLLM: weights checked against the served model before it
+starts, and locret's chunked prefill for prompts larger than the KV cache. (Their kept
+tokens equal the reference runner's: test_reference_agreement.py.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from engine_driver import started_llm
 from transformers import AutoTokenizer
 
 from vllm_kvcompress.eval.tasks import make_samples
-from vllm_kvcompress.scorers.retaining_heads import ModelShape, RetainingHeads
+from vllm_kvcompress.scorers.attention_gate import AttentionGates
+from vllm_kvcompress.scorers.retaining_heads import RetainingHeads
+from vllm_kvcompress.scorers.trained_scorer import ModelShape
 from vllm_kvcompress.serve_process import CPU_DEFAULT_ARGS, VllmServer
 
 # Gemma 3 270M's shape: weights trained for it must not run on the bundled SmolLM2.
@@ -20,10 +22,14 @@ GEMMA3_270M = ModelShape(model_type="gemma3_text", num_layers=18, num_heads=4, n
                          head_size=256, hidden_size=640, vocab_size=262144, rope_theta=1e6)
 
 
-def test_weights_for_another_model_are_refused_at_start_up(model_dir, tmp_path):
-    path = tmp_path / "locret-gemma3-270m.safetensors"
-    RetainingHeads(GEMMA3_270M, hidden=4).save(path, {})
-    config = {"kv_policy": "locret", "budget": 64, "kv_policy_args": {"weights": str(path)}}
+SCORERS = [("locret", RetainingHeads), ("attention_gate", AttentionGates)]
+
+
+@pytest.mark.parametrize(("policy", "scorer"), SCORERS)
+def test_weights_for_another_model_are_refused_at_start_up(model_dir, tmp_path, policy, scorer):
+    path = tmp_path / f"{scorer.kind}-gemma3-270m.safetensors"
+    scorer(GEMMA3_270M, hidden=4).save(path, {})
+    config = {"kv_policy": policy, "budget": 64, "kv_policy_args": {"weights": str(path)}}
     with pytest.raises(ValueError) as excinfo, started_llm(model_dir, additional_config=config):
         pass
     message = str(excinfo.value)
@@ -31,10 +37,11 @@ def test_weights_for_another_model_are_refused_at_start_up(model_dir, tmp_path):
     assert "model_type='llama'" in message
 
 
-def test_missing_weights_name_the_training_command(model_dir, tmp_path):
-    config = {"kv_policy": "locret", "budget": 64,
+@pytest.mark.parametrize(("policy", "scorer"), SCORERS)
+def test_missing_weights_name_the_training_command(model_dir, tmp_path, policy, scorer):
+    config = {"kv_policy": policy, "budget": 64,
               "kv_policy_args": {"weights": str(tmp_path / "absent.safetensors")}}
-    with pytest.raises(ValueError, match="vllm-kvcompress train locret"), \
+    with pytest.raises(ValueError, match=f"vllm-kvcompress train {scorer.kind}"), \
             started_llm(model_dir, additional_config=config):
         pass
 
