@@ -1,0 +1,149 @@
+"""Chunk reuse on a real model outside vLLM, through transformers: the quality reference.
+
+Each request computes only the tokens its ReusePlan names (sharing/chunk_reuse.py) over a
+cache of loaded chunk KV (eval/blend_attention.py), saves the chunks it computed in full to
+the store (rotated back to position 0, with their attention statistics), then decodes
+greedily. Without a store every token is computed: full recompute, the quality baseline.
+Batch size 1, float32 by default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vllm_kvcompress.eval.blend_attention import BLEND_ATTENTION, BlendCache, BlendLayer, ChunkStats
+from vllm_kvcompress.scorers.rope import rotate
+from vllm_kvcompress.scorers.trained_scorer import ModelShape
+from vllm_kvcompress.sharing.chunk_reuse import ReusePlan, placed, plan_reuse
+from vllm_kvcompress.sharing.chunk_store import ChunkStore, StoredChunk
+
+
+@dataclass(frozen=True)
+class ReuseSetting:
+    """How a request reuses chunks. reuse False: compute everything (no store). recompute:
+    fraction of each loaded chunk computed anew; selection: "attention" or "random";
+    fix_rope False loads keys unrotated (must fail); chunk_budget: fraction of a chunk's
+    tokens stored."""
+
+    label: str
+    reuse: bool = True
+    recompute: float = 0.15
+    selection: str = "attention"
+    fix_rope: bool = True
+    chunk_budget: float = 1.0
+
+
+FULL_RECOMPUTE = ReuseSetting("full recompute", reuse=False)
+
+
+@dataclass
+class ReuseOutcome:
+    """token_ids: the greedy answer; computed_positions [C] int64: the prompt positions
+    computed; reused: prompt tokens loaded from the store; prefill_s: seconds of the
+    prompt's forward; first_logits [V] float32: the logits after the prompt."""
+
+    token_ids: list[int]
+    text: str
+    computed_positions: torch.Tensor
+    reused: int
+    prefill_s: float
+    first_logits: torch.Tensor
+
+    @property
+    def computed(self) -> int:
+        return self.computed_positions.numel()
+
+    def computed_after(self, first: int) -> int:
+        """Prompt tokens computed at positions >= first (those before: a prefix cache hit)."""
+        return int((self.computed_positions >= first).sum())
+
+
+class ChunkReuseRunner:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=BLEND_ATTENTION).eval()
+        self.shape = ModelShape.of_config(self.model.config)
+        self.model_name = Path(model_dir).name
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = {eos} if isinstance(eos, int) else set(eos or ())
+
+    def answer(self, token_ids: Sequence[int], spans: Sequence[tuple[int, int]],
+               setting: ReuseSetting, store: ChunkStore | None, max_new_tokens: int,
+               generator: torch.Generator | None = None) -> ReuseOutcome:
+        """Prefill with reuse per `setting` (store None or setting.reuse False: none), save
+        the chunks computed in full, decode greedily."""
+        store = store if setting.reuse else None
+        plan = plan_reuse(token_ids, spans, store, self.model_name, setting.recompute,
+                          setting.selection, generator)
+        cache = self._loaded_cache(plan, setting.fix_rope)
+        if store is not None and plan.missed:
+            cache.stats = ChunkStats([(start, end) for _, start, end in plan.missed],
+                                     self.shape.num_layers)
+        ids = torch.tensor(token_ids)
+        began = time.perf_counter()
+        logits = self._forward(cache, ids[plan.computed], plan.computed)
+        prefill_s = time.perf_counter() - began
+        if cache.stats is not None:
+            self._save(store, plan, cache, setting.chunk_budget)
+            cache.stats = None
+        answer: list[int] = []
+        first_logits = logits
+        position = len(token_ids)
+        while True:
+            token = int(logits.argmax())
+            answer.append(token)
+            if token in self.eos_ids or len(answer) == max_new_tokens:
+                break
+            logits = self._forward(cache, torch.tensor([token]), torch.tensor([position]))
+            position += 1
+        return ReuseOutcome(answer, self.tokenizer.decode(answer, skip_special_tokens=True),
+                            computed_positions=plan.computed, reused=plan.reused_tokens,
+                            prefill_s=prefill_s, first_logits=first_logits)
+
+    def _loaded_cache(self, plan: ReusePlan, fix_rope: bool) -> BlendCache:
+        shape, dtype = self.shape, self.model.dtype
+        layers = []
+        for layer in range(shape.num_layers):
+            parts = [placed(loaded, layer, shape.rope_theta, fix_rope) for loaded in plan.loaded]
+            empty = torch.empty(shape.num_kv_heads, 0, shape.head_size, dtype=dtype)
+            layers.append(BlendLayer(
+                keys=torch.cat([empty] + [k for k, _, _ in parts], dim=1),
+                values=torch.cat([empty] + [v for _, v, _ in parts], dim=1),
+                positions=torch.cat([torch.empty(shape.num_kv_heads, 0, dtype=torch.long)]
+                                    + [p for _, _, p in parts], dim=1)))
+        return BlendCache(layers)
+
+    def _forward(self, cache: BlendCache, token_ids: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            output = self.model(input_ids=token_ids[None], position_ids=positions[None],
+                                kv_blend=cache, use_cache=False, logits_to_keep=1)
+        return output.logits[0, -1].float()
+
+    def _save(self, store: ChunkStore, plan: ReusePlan, cache: BlendCache, budget: float) -> None:
+        """Store each chunk computed in full: its fresh KV rotated back to 0, its stats."""
+        stats = cache.stats
+        for index, (key, start, end) in enumerate(plan.missed):
+            keys, values = [], []
+            for layer in cache.layers:
+                slots = ((layer.positions[0] >= start) & (layer.positions[0] < end)).nonzero()[:, 0]
+                slots = slots[layer.positions[0, slots].argsort()]
+                chunk_keys = layer.keys[:, slots]                               # [H, n, D]
+                back = torch.full((end - start,), -start)
+                keys.append(rotate(chunk_keys.transpose(0, 1), back, self.shape.rope_theta)
+                            .transpose(0, 1).to(layer.keys.dtype))
+                values.append(layer.values[:, slots])
+            heads = self.shape.num_kv_heads
+            offsets = torch.arange(end - start).expand(self.shape.num_layers, heads, -1)
+            chunk = StoredChunk(keys=torch.stack(keys), values=torch.stack(values),
+                                offsets=offsets.contiguous(),
+                                outside=stats.outside[index] / self.shape.num_layers,
+                                received=stats.received[index])
+            store.put(key, chunk.compressed(budget))

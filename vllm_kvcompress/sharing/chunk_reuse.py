@@ -1,0 +1,103 @@
+"""Reuse of stored chunks at new positions: which tokens a request computes, and where the
+reused KV goes.
+
+A request's prompt tokens are either loaded from the chunk store (the chunks it names that
+the store holds) or computed. Computed are: every token outside a loaded chunk, and a
+fraction of each loaded chunk's tokens (`recompute`), chosen as Cache-Craft does: those
+whose attention went most to text before the chunk when it was stored, since their KV
+depends most on a context that is now different ("random" picks them uniformly, the
+baseline). Loaded keys move from chunk positions 0..n-1 to start..start+n-1 by one RoPE
+rotation by `start` (R(start + i) = R(start) R(i)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvcompress.scorers.rope import rotate
+from vllm_kvcompress.sharing.chunk_store import ChunkStore, StoredChunk
+from vllm_kvcompress.sharing.chunks import chunk_key
+
+SELECTIONS = ("attention", "random")
+
+
+@dataclass
+class LoadedChunk:
+    """A stored chunk placed at `start` of the prompt; recompute: chunk offsets [r] int64
+    computed anew (their stored KV is not used)."""
+
+    start: int
+    chunk: StoredChunk
+    recompute: torch.Tensor
+
+
+@dataclass
+class ReusePlan:
+    """computed [C] int64: prompt positions to compute, ascending; loaded: chunks read from
+    the store; missed: (key, start, end) of named chunks computed in full (to be saved)."""
+
+    computed: torch.Tensor
+    loaded: list[LoadedChunk]
+    missed: list[tuple[str, int, int]]
+
+    @property
+    def reused_tokens(self) -> int:
+        return sum(c.chunk.length - c.recompute.numel() for c in self.loaded)
+
+
+def select_recompute(chunk: StoredChunk, ratio: float, selection: str,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Chunk offsets [round(ratio * n)] int64, ascending, to compute anew."""
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"kv_chunk_recompute must be in [0, 1]; got {ratio}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"chunk recompute selection must be one of {', '.join(SELECTIONS)}; "
+                         f"got {selection!r}")
+    count = math.floor(ratio * chunk.length + 0.5)
+    if selection == "attention":
+        picked = chunk.outside.topk(count).indices
+    else:
+        picked = torch.randperm(chunk.length, generator=generator)[:count]
+    return picked.sort().values
+
+
+def plan_reuse(token_ids: Sequence[int], spans: Sequence[tuple[int, int]], store: ChunkStore | None,
+               model: str, ratio: float, selection: str = "attention",
+               generator: torch.Generator | None = None) -> ReusePlan:
+    """Look the request's chunks up in `store` (None: reuse nothing) and plan its compute."""
+    computed = torch.ones(len(token_ids), dtype=torch.bool)
+    loaded, missed = [], []
+    for start, end in spans:
+        key = chunk_key(token_ids[start:end], model)
+        chunk = store.get(key) if store is not None else None
+        if chunk is None or chunk.length != end - start:
+            missed.append((key, start, end))
+            continue
+        recompute = select_recompute(chunk, ratio, selection, generator)
+        computed[start:end] = False
+        computed[start + recompute] = True
+        loaded.append(LoadedChunk(start, chunk, recompute))
+    return ReusePlan(computed.nonzero()[:, 0], loaded, missed)
+
+
+def placed(loaded: LoadedChunk, layer: int, theta: float,
+           fix_rope: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer of a loaded chunk at its prompt positions, recomputed tokens left out.
+
+    Returns keys [H, k', D] (rotated by `start` unless fix_rope is False, the check that the
+    rotation matters), values [H, k', D], positions [H, k'] int64; k' equal for all heads
+    (a head whose stored tokens were recomputed more gets its slots masked as position -1).
+    """
+    chunk = loaded.chunk
+    keys, values, offsets = chunk.keys[layer], chunk.values[layer], chunk.offsets[layer]
+    if fix_rope:
+        heads, stored, size = keys.shape
+        shift = torch.full((stored,), loaded.start)
+        keys = rotate(keys.transpose(0, 1), shift, theta).transpose(0, 1).to(values.dtype)
+    positions = loaded.start + offsets
+    recomputed = torch.isin(offsets, loaded.recompute)
+    return keys, values, positions.masked_fill(recomputed, -1)

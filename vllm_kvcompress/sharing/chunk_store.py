@@ -1,0 +1,115 @@
+"""A byte-bounded store of chunks' KV, at positions from 0, with the statistics that the
+choice of tokens to recompute needs; least recently used chunks leave first.
+
+A chunk is saved the first time a request computes it in full, with its keys rotated back
+to chunk positions 0..n-1, so loading it anywhere is one rotation (sharing/chunk_reuse.py).
+It may be stored compressed: a query-agnostic score (the attention a token received from
+the chunk's own tokens when it was computed) keeps a fraction of its tokens per layer and
+KV head.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StoredChunk:
+    """One chunk's KV. L layers, H KV heads, k stored tokens per head of the chunk's n, D.
+
+    keys/values [L, H, k, D]: keys after RoPE at their chunk offsets; offsets [L, H, k]
+    int64 (the stored tokens' indices in the chunk, ascending); outside [n] float32: the
+    share of each token's attention that went to text before the chunk (mean over layers
+    and query heads, sink tokens excluded); received [L, H, n] float32: attention each
+    token received from the chunk's own tokens.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    offsets: torch.Tensor
+    outside: torch.Tensor
+    received: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.outside.shape[0]
+
+    @property
+    def stored_tokens(self) -> int:
+        return self.offsets.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.keys, self.values, self.offsets, self.outside, self.received))
+
+    def compressed(self, fraction: float) -> StoredChunk:
+        """The chunk with ceil(fraction * n) tokens per layer and KV head, those that
+        received the most attention inside it (the first token always kept: a chunk-local
+        sink)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"kv_chunk_budget must be in (0, 1]; got {fraction}")
+        keep = max(1, math.ceil(fraction * self.length))
+        if keep >= self.stored_tokens:
+            return self
+        score = torch.full_like(self.received, float("-inf"))   # only stored tokens compete
+        score.scatter_(2, self.offsets, self.received.gather(2, self.offsets))
+        score[..., 0] = torch.where(self.offsets[..., 0] == 0, float("inf"), score[..., 0])
+        kept = score.topk(keep, dim=-1).indices.sort(dim=-1).values     # [L, H, keep]
+        slots = _slots_of(self.offsets, kept)
+        gather = slots[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        return StoredChunk(keys=self.keys.gather(2, gather), values=self.values.gather(2, gather),
+                           offsets=kept, outside=self.outside, received=self.received)
+
+
+def _slots_of(offsets: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Indices into the stored slots [L, H, k] of the chunk offsets `wanted` [L, H, j]."""
+    return torch.searchsorted(offsets.contiguous(), wanted.contiguous())
+
+
+class ChunkStore:
+    """Chunks by key, at most `capacity_bytes` in all; least recently used evicted first."""
+
+    def __init__(self, capacity_bytes: int):
+        if capacity_bytes <= 0:
+            raise ValueError(f"kv_chunk_store_gib must be positive; got {capacity_bytes} bytes")
+        self.capacity_bytes = capacity_bytes
+        self._chunks: OrderedDict[str, StoredChunk] = OrderedDict()
+        self.bytes = 0
+        self.lookups = 0
+        self.hits = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._chunks
+
+    def get(self, key: str) -> StoredChunk | None:
+        """The chunk (now most recently used), or None; counted as a lookup."""
+        self.lookups += 1
+        chunk = self._chunks.get(key)
+        if chunk is not None:
+            self.hits += 1
+            self._chunks.move_to_end(key)
+        return chunk
+
+    def put(self, key: str, chunk: StoredChunk) -> bool:
+        """Store `chunk` under `key`, evicting the least recently used until it fits; False
+        (nothing stored or evicted) if it alone exceeds the capacity."""
+        if chunk.nbytes > self.capacity_bytes:
+            return False
+        if key in self._chunks:
+            self.bytes -= self._chunks.pop(key).nbytes
+        while self.bytes + chunk.nbytes > self.capacity_bytes:
+            _, evicted = self._chunks.popitem(last=False)
+            self.bytes -= evicted.nbytes
+            self.evictions += 1
+        self._chunks[key] = chunk
+        self.bytes += chunk.nbytes
+        return True
