@@ -291,4 +291,4 @@ def _append_to_view(view: StreamView, keys, values, positions, scores) -> Stream
 
 
 TestCacheMachine = CacheMachine.TestCase
-TestCacheMachine.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestCacheMachine.settings = settings(max_examples=80, stateful_step_count=30, deadline=None)

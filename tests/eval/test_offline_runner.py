@@ -11,6 +11,7 @@ from vllm_kvcompress.eval.settings import Setting, settings_grid
 from vllm_kvcompress.eval.tasks import make_samples
 
 
+@pytest.mark.slow    # ~40 s; the endpoint runner's real-serve test covers vLLM in the default suite
 def test_offline_vllm_with_policy_none(model_dir, runner, count_tokens):
     samples = make_samples(["passkey"], [512], num_samples=2, seed=0, count_tokens=count_tokens)
     offline = evaluate(OfflineRunner(str(model_dir), {"dtype": "float32"}), samples, [Setting()])

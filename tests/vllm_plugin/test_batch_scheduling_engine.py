@@ -62,17 +62,17 @@ def test_admission_by_peak_pages_never_preempts_and_keeps_outputs(model_dir, tok
 
 
 def test_group_prefix_is_held_until_its_last_member_ends(model_dir, tokenizer):
-    shared = prompt_of_length(tokenizer, 16 * PAGE, seed=400)
+    shared = prompt_of_length(tokenizer, 8 * PAGE, seed=400)
     members = [shared + prompt_of_length(tokenizer, 20, seed=410 + m) for m in range(4)]
-    others = [prompt_of_length(tokenizer, 19 * PAGE, seed=420 + i) for i in range(12)]
-    # Members at 0, 7, 14, 15 with unrelated requests between them: 12 x 19 pages churn
-    # through a 64-page cache, so LRU alone loses the shared prefix between members.
+    others = [prompt_of_length(tokenizer, 9 * PAGE, seed=420 + i) for i in range(12)]
+    # Members at 0, 7, 14, 15 with unrelated requests between them: 12 x 10 pages churn
+    # through a 32-page cache, so LRU alone loses the shared prefix between members.
     prompts = [members[0], *others[:6], members[1], *others[6:], members[2], members[3]]
     member_ids = [f"r{i}" for i in (0, 7, 14, 15)]
     params = [greedy(8, "g" if f"r{i}" in member_ids else None) for i in range(len(prompts))]
     runs = {}
     for scheduling in ("vllm", "batch"):
-        with started_llm(model_dir, num_gpu_blocks_override=65, max_num_seqs=2,
+        with started_llm(model_dir, num_gpu_blocks_override=33, max_num_seqs=2,
                          additional_config={"kv_scheduling": scheduling}, **ENGINE) as llm:
             sched, pool = scheduler(llm), block_pool(llm)
             held_ever = set()
@@ -87,13 +87,13 @@ def test_group_prefix_is_held_until_its_last_member_ends(model_dir, tokenizer):
 
             runs[scheduling] = run(llm, prompts, params, after_step=check_held)
             if scheduling == "batch":
-                assert len(held_ever) == 16 and sched.num_held_pages == 0
+                assert len(held_ever) == 8 and sched.num_held_pages == 0
                 assert not sched.members.groups
             assert all_pages_free(llm)
     assert runs["batch"].outputs == runs["vllm"].outputs
     later = member_ids[1:]
-    assert all(runs["batch"].cached_tokens[r] == 16 * PAGE for r in later)
-    assert runs["vllm"].cached_tokens["r7"] < 16 * PAGE      # what holding is for
+    assert all(runs["batch"].cached_tokens[r] == 8 * PAGE for r in later)
+    assert runs["vllm"].cached_tokens["r7"] < 8 * PAGE      # what holding is for
 
 
 def test_aborts_in_the_middle_of_a_group_return_every_page(model_dir, tokenizer):

@@ -178,7 +178,12 @@ def test_chunked_prefill_mode_compresses_between_chunks(model_dir, tokenizer):
     assert most_pages <= -(-(128 + 16 - 1 + 256 + 31) // 32) < 2000 // 32
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "mikv", "think"])
+@pytest.mark.parametrize("policy", [
+    "snapkv",
+    # The second tiers' rows in the request's own pages: ~80 s each on a 2-core CPU.
+    pytest.param("mikv", marks=pytest.mark.slow),
+    pytest.param("think", marks=pytest.mark.slow),
+])
 def test_prefix_caching_shares_pages_that_compression_never_writes(model_dir, tokenizer, policy):
     """Invariant 5 with vLLM's prefix caching on (its default): requests sharing a prompt
     prefix read its cached pages instead of computing them, compression never writes a
@@ -233,7 +238,7 @@ def _hashed_pages(pool) -> dict:
             if block.block_hash is not None}
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "mikv"])
+@pytest.mark.parametrize("policy", ["snapkv", pytest.param("mikv", marks=pytest.mark.slow)])
 def test_prompts_near_max_model_len_with_prefix_caching(model_dir, tokenizer, policy):
     """The first compression of a shared-prefix request holds its full prompt pages and the
     compressed bound at once (with mikv: its low-bit rows too): near max_model_len that is

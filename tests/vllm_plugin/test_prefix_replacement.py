@@ -29,14 +29,14 @@ KV_TOKENS = 128 * 24    # 24 pages of 128 tokens: the batches below must evict
 
 @pytest.fixture(scope="module")
 def waves(model_dir):
-    """Three waves of prompts over 3 shared prefixes x 4 documents, in shuffled order."""
+    """Two waves of prompts over 3 shared prefixes x 4 documents, in shuffled order."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     systems = [prompt_of_length(tokenizer, 256, seed=900 + s) for s in range(3)]
     docs = [prompt_of_length(tokenizer, 384, seed=950 + d) for d in range(4)]
     prompts = [systems[s] + docs[d] + prompt_of_length(tokenizer, 20, seed=1000 + 10 * s + d)
                for s in range(3) for d in range(4)]
     rng = random.Random(0)
-    return [rng.sample(prompts, len(prompts)) for _ in range(3)]
+    return [rng.sample(prompts, len(prompts)) for _ in range(2)]
 
 
 def hinted(count: int, seed: int) -> list[SamplingParams]:

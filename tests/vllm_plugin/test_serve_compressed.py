@@ -58,6 +58,9 @@ def server(model_dir, tmp_path_factory):
         yield running
 
 
+# The stock server costs a minute; the invariant is checked in-process in the default suite
+# (test_compressed_engine.py), this one over HTTP in the slow suite.
+@pytest.mark.slow
 def test_budget_above_context_matches_stock(server, prompts, stock):
     stock_texts = stock["texts"]
     # Per-request budget beyond every context: nothing is evicted, outputs are stock's.
@@ -81,6 +84,7 @@ def test_compressed_requests_answer_and_show_on_metrics(server, prompts):
     assert metrics["vllm:kv_compress_pages_freed_total"] > 0
 
 
+@pytest.mark.slow    # needs the stock server
 def test_every_stock_metric_is_kept(server, stock, prompts):
     complete_all(server, prompts)
     names = metric_names(server)

@@ -70,6 +70,7 @@ def test_bad_policy_exits_with_one_clear_line(model_dir):
     assert "Traceback" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow    # a second `vllm serve` start (~20 s); bad budgets are unit-tested in test_config
 def test_bad_budget_exits_with_one_clear_line(model_dir):
     result = subprocess.run(
         [*vllm_command(), "serve", str(model_dir), "--kv-policy", "snapkv", "--budget", "-3"],

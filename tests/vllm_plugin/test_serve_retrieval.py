@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vllm_kvcompress.eval.endpoint_runner import EndpointRunner
 from vllm_kvcompress.eval.harness import evaluate
 from vllm_kvcompress.eval.reference_runner import ReferenceRunner
 from vllm_kvcompress.eval.settings import Setting
 from vllm_kvcompress.eval.tasks import make_samples
 from vllm_kvcompress.serve_process import CPU_DEFAULT_ARGS, VllmServer
+
+# ~3 min on a 2-core AVX2 CPU; tests/eval/test_endpoint_runner.py serves in the default suite.
+pytestmark = pytest.mark.slow
 
 # docs/quality.md: ems keeps the passkey of 2k prompts in 3 of 5 depths at budget 1024
 # (CR 2), in 1 of 5 at 256-512; the bundled 135M model loses digits quickly.

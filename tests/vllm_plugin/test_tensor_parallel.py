@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from engine_driver import all_pages_free, prompt_of_length, run, scheduler, started_llm
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 
 from vllm_kvcompress.vllm_plugin import runtime_registry
+
+# Three worker processes: over 2 min on a 2-core CPU.
+pytestmark = pytest.mark.slow
 
 BUDGET, INTERVAL, BLOCK_SIZE = 64, 16, 32
 
