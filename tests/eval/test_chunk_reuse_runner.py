@@ -10,7 +10,7 @@ from vllm_kvcompress.eval.blend_attention import BlendCache, BlendLayer
 from vllm_kvcompress.eval.chunk_reuse_runner import FULL_RECOMPUTE, ChunkReuseRunner, ReuseSetting
 from vllm_kvcompress.scorers.rope import rotate
 from vllm_kvcompress.sharing.chunk_store import ChunkStore
-from vllm_kvcompress.sharing.chunks import rag_prompt
+from vllm_kvcompress.sharing.chunks import rag_prompt, validate_chunks
 
 PASSAGES = [
     "The castle stands on a hill. One of the special magic numbers for quiet-lantern is: 4821937.",
@@ -32,7 +32,8 @@ def prompts(runner, filler: int = 0):
     first = rag_prompt(runner.tokenizer, PASSAGES, QUESTION, TEMPLATE)
     second = rag_prompt(runner.tokenizer, [PASSAGES[2], PASSAGES[0], PASSAGES[1]], QUESTION,
                         "The grass is green. " * filler + TEMPLATE)
-    return [(p["prompt"], p["vllm_xargs"]["kv_chunks"]) for p in (first, second)]
+    return [(p["prompt"], validate_chunks(p["vllm_xargs"]["kv_chunks"], len(p["prompt"])))
+            for p in (first, second)]
 
 
 def layer_keys(runner, token_ids, start):

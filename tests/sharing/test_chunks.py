@@ -15,6 +15,8 @@ from vllm_kvcompress.sharing.chunks import chunk_key, rag_prompt, validate_chunk
 
 @pytest.mark.parametrize("value, fragment", [
     ("0-5", "must be"),
+    ({"a": 1}, "must be"),
+    ([0, 5, 7], "even length"),
     ([[0, 5, 7]], "bad span"),
     ([[0, 2.5]], "bad span"),
     ([[True, 3]], "bad span"),
@@ -30,8 +32,9 @@ def test_bad_chunks_are_rejected_by_name(value, fragment):
     assert fragment in str(error.value)
 
 
-def test_good_chunks():
-    assert validate_chunks([[0, 4], [4, 10]], 10) == [(0, 4), (4, 10)]
+def test_good_chunks_flat_paired_or_json():
+    for value in ([0, 4, 4, 10], [[0, 4], [4, 10]], "[0, 4, 4, 10]", "[[0, 4], [4, 10]]"):
+        assert validate_chunks(value, 10) == [(0, 4), (4, 10)]
     assert validate_chunks([], 10) == []
 
 
@@ -49,13 +52,14 @@ def test_rag_prompt_passages_keep_their_tokens_anywhere(model_dir):
                 "A library holds many books."]
     first = rag_prompt(tokenizer, passages, "Which is old?", "Read:\n{passages}\nQ: {question}")
     second = rag_prompt(tokenizer, passages[::-1], "Which is old?", "Read:\n{passages}\nQ: {question}")
-    spans_a, spans_b = first["vllm_xargs"]["kv_chunks"], second["vllm_xargs"]["kv_chunks"]
     ids_a, ids_b = first["prompt"], second["prompt"]
+    spans_a = validate_chunks(first["vllm_xargs"]["kv_chunks"], len(ids_a))
+    spans_b = validate_chunks(second["vllm_xargs"]["kv_chunks"], len(ids_b))
     for i in range(3):
         (a0, a1), (b0, b1) = spans_a[i], spans_b[2 - i]
         assert ids_a[a0:a1] == ids_b[b0:b1] == tokenizer(passages[i], add_special_tokens=False).input_ids
     assert spans_a[1][0] != spans_b[1][0]           # the middle passage moved
-    assert validate_chunks(spans_a, len(ids_a)) == [tuple(s) for s in spans_a]
+    assert all(isinstance(x, int) for x in first["vllm_xargs"]["kv_chunks"])  # flat, as vLLM's schema wants
     with pytest.raises(ValueError, match="template"):
         rag_prompt(tokenizer, passages, "q", "no placeholders")
 

@@ -151,6 +151,10 @@ def test_gauges_count_running_requests_then_go_idle(server, prompts):
     ({"kv_group": ""}, "a non-empty string of at most 256 characters or an integer"),
     ({"kv_quality": 0.9}, "needs kv_quality_curves"),
     ({"kv_quality": 0.9, "budget": 64}, "give one of them"),
+    ({"kv_chunks": [0, 4, 2, 6]}, "kv_chunks span [2, 6] overlaps"),
+    ({"kv_chunks": [0, 4, 9]}, "kv_chunks must be"),
+    ({"kv_chunks": "[[0, 9999999]]"}, "kv_chunks span [0, 9999999] is empty or outside"),
+    ({"kv_chunks": [0, 4]}, "chunk reuse is not built inside vLLM yet"),
 ])
 def test_bad_request_settings_are_http_400(server, extra, expected):
     with pytest.raises(urllib.error.HTTPError) as excinfo:

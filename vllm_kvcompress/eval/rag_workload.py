@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from vllm_kvcompress.eval.long_text import read_long_text
 from vllm_kvcompress.eval.tasks.needle import NeedleShape, question, random_keys, random_value
-from vllm_kvcompress.sharing.chunks import CHUNKS_KEY, rag_prompt
+from vllm_kvcompress.sharing.chunks import CHUNKS_KEY, rag_prompt, validate_chunks
 
 TEMPLATE = ("Some special magic numbers are hidden within the following passages. Make sure "
             "to memorize them. I will quiz you about the numbers afterwards.\n\n"
@@ -73,6 +73,7 @@ def rag_workload(tokenizer, num_requests: int, pool_size: int = 30, passage_toke
         asked = rng.choice(chosen)
         fields = rag_prompt(tokenizer, [pool[i][0] for i in chosen],
                             question(NeedleShape(), [pool[asked][1]]), TEMPLATE)
-        requests.append(RagRequest(fields["prompt"], [tuple(s) for s in fields["vllm_xargs"][CHUNKS_KEY]],
+        spans = validate_chunks(fields["vllm_xargs"][CHUNKS_KEY], len(fields["prompt"]))
+        requests.append(RagRequest(fields["prompt"], spans,
                                    chosen, pool[asked][2]))
     return requests

@@ -1,8 +1,10 @@
 """Named chunks of a prompt (RAG passages): their spans, their identity, and the helper that
 builds a prompt whose passages tokenize the same wherever they appear.
 
-A request names its chunks as `vllm_xargs: {"kv_chunks": [[start, end], ...]}` over its
-prompt's token ids: sorted, non-overlapping, non-empty, inside the prompt. A chunk's key
+A request names its chunks as `vllm_xargs: {"kv_chunks": [start0, end0, start1, end1, ...]}`
+over its prompt's token ids: sorted, non-overlapping, non-empty, inside the prompt. The
+spans go flat because vLLM's API schema allows only flat lists in vllm_xargs; a list of
+[start, end] pairs (offline) or a JSON string of either form is accepted too. A chunk's key
 is a hash of its token ids and the model, so the same passage after different text, at a
 different position, is the same chunk.
 """
@@ -10,6 +12,7 @@ different position, is the same chunk.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 
 CHUNKS_KEY = "kv_chunks"
@@ -18,12 +21,22 @@ PASSAGE_SEPARATOR = "\n\n"
 
 
 def validate_chunks(value: object, prompt_len: int) -> list[tuple[int, int]]:
-    """`value` as a list of (start, end) spans; ValueError naming kv_chunks if it is not a
-    sorted list of non-overlapping [start, end) pairs of ints with 0 <= start < end <= prompt_len."""
-    allowed = ("a list of [start, end] token spans, sorted, non-overlapping, "
-               f"with 0 <= start < end <= the prompt's {prompt_len} tokens")
+    """`value` as a list of (start, end) spans; ValueError naming kv_chunks if it is not
+    sorted, non-overlapping [start, end) token spans with 0 <= start < end <= prompt_len,
+    given flat ([s0, e0, s1, e1, ...]), as pairs, or as a JSON string of either."""
+    allowed = ("token spans [start0, end0, start1, end1, ...] (or [[start, end], ...]), sorted, "
+               f"non-overlapping, with 0 <= start < end <= the prompt's {prompt_len} tokens")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{CHUNKS_KEY} must be {allowed}; got {value!r}") from None
     if not isinstance(value, list):
         raise ValueError(f"{CHUNKS_KEY} must be {allowed}; got {value!r}")
+    if value and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        if len(value) % 2:
+            raise ValueError(f"{CHUNKS_KEY} must be {allowed}; a flat list needs an even length")
+        value = [value[i:i + 2] for i in range(0, len(value), 2)]
     spans: list[tuple[int, int]] = []
     for item in value:
         if (not isinstance(item, (list, tuple)) or len(item) != 2
@@ -54,7 +67,7 @@ def rag_prompt(tokenizer, passages: Sequence[str], question: str,
     Each passage is tokenized on its own, so its token ids (and its chunk key) do not
     depend on the text around it. template: text with "{passages}" and "{question}"
     (default DEFAULT_TEMPLATE); passages are joined by a blank line. Returns
-    {"prompt": [token ids], "vllm_xargs": {"kv_chunks": [[start, end], ...]}}, to merge
+    {"prompt": [token ids], "vllm_xargs": {"kv_chunks": [start0, end0, ...]}}, to merge
     into a completions request body.
     """
     template = template or DEFAULT_TEMPLATE
@@ -74,7 +87,7 @@ def rag_prompt(tokenizer, passages: Sequence[str], question: str,
         passage_ids = _encode(tokenizer, passage)
         if not passage_ids:
             raise ValueError(f"passage {index} is empty")
-        spans.append([len(ids), len(ids) + len(passage_ids)])
+        spans += [len(ids), len(ids) + len(passage_ids)]
         ids += passage_ids
     ids += _encode(tokenizer, between + question + tail)
     return {"prompt": ids, "vllm_xargs": {CHUNKS_KEY: spans}}

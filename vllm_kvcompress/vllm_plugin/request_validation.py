@@ -15,6 +15,7 @@ from vllm_kvcompress.config import KVCompressConfigError
 from vllm_kvcompress.vllm_plugin.engine_setup import BLOCK_SIZE
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import chunked_peak_pages
 from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY, valid_group
+from vllm_kvcompress.sharing.chunks import CHUNKS_KEY, validate_chunks
 from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
     REQUEST_KEYS,
@@ -32,6 +33,7 @@ SCHEDULING_HINTS = (
 
 def validate_request(vllm_config, params: SamplingParams) -> None:
     """Raise VLLMValidationError if the request's compression overrides are invalid."""
+    _check_chunks(vllm_config, (params.extra_args or {}).get(CHUNKS_KEY))
     for key, valid, allowed in SCHEDULING_HINTS:
         value = (params.extra_args or {}).get(key)
         if value is not None and not valid(value):
@@ -49,6 +51,22 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
     except KVCompressConfigError as exc:
         raise VLLMValidationError(f"invalid KV compression setting in vllm_xargs: {exc}",
                                   parameter="vllm_xargs", value=given) from None
+
+
+def _check_chunks(vllm_config, chunks) -> None:
+    """kv_chunks: a bad value names what is wrong; a good one is refused, since chunk reuse
+    runs in the reference runner only so far (the prompt length is not known here, so
+    spans are checked against max_model_len)."""
+    if chunks is None:
+        return
+    try:
+        validate_chunks(chunks, vllm_config.model_config.max_model_len)
+    except ValueError as exc:
+        raise VLLMValidationError(str(exc), parameter="vllm_xargs", value={CHUNKS_KEY: chunks}) from None
+    raise VLLMValidationError(
+        f"{CHUNKS_KEY}: chunk reuse is not built inside vLLM yet (it runs in the reference "
+        f"runner: benchmarks/chunk_reuse.py); send the request without {CHUNKS_KEY}",
+        parameter="vllm_xargs", value={CHUNKS_KEY: chunks})
 
 
 def _check_chunked_peak(settings, vllm_config) -> None:
