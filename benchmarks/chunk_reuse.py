@@ -3,7 +3,9 @@ against vLLM's prefix caching, on the bundled model through the transformers ref
 
 Workload (eval/rag_workload.py): a pool of passages cut from the GPL-3 text, each with one
 inserted fact, drawn with Zipf popularity, 4-6 per prompt in random order, then a question
-about one fact of the prompt; greedy, 16 tokens. Every setting replays the same requests
+about one fact of the prompt; greedy, 16 tokens. Recompute selections: Cache-Craft's
+(attention that went outside the chunk when stored), CacheBlend's (value deviation at
+layer 1) and random. Every setting replays the same requests
 in the same order with its own chunk store (a chunk is saved the first time a request
 computes it in full). Reported per setting: accuracy (the asked value in the answer),
 agreement with full recompute (the share of the first 16 tokens before the first
@@ -38,6 +40,10 @@ SETTINGS = [FULL_RECOMPUTE] + [
     ReuseSetting(f"reuse, recompute {round(r * 100)}% random", recompute=r, selection="random")
     for r in (0.05, 0.15, 0.30)
 ] + [
+    ReuseSetting(f"reuse, recompute {round(r * 100)}% by value deviation", recompute=r,
+                 selection="deviation")
+    for r in (0.15, 0.30)
+] + [
     ReuseSetting("reuse without the RoPE fix, 15% by attention", fix_rope=False),
 ] + [
     ReuseSetting(f"stored at 25%, recompute {round(r * 100)}% by attention", recompute=r,
@@ -54,6 +60,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--store-gib", type=float, default=1.0, help="chunk store bound")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--only", type=int, nargs="+",
+                        help="run only these settings (indices into SETTINGS; 0, full "
+                             "recompute, is always run: the others are compared with it)")
     parser.add_argument("--json", help="write the rows here")
     return parser.parse_args()
 
@@ -97,7 +106,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; prefix caching computes "
           f"{prefix_computed / len(requests):.0f} per request")
     rows, reference_tokens, full_seconds = [], None, None
-    for setting in SETTINGS:
+    settings = SETTINGS if not args.only else [SETTINGS[0]] + [SETTINGS[i] for i in args.only if i]
+    for setting in settings:
         store = ChunkStore(int(args.store_gib * 2**30))
         generator = torch.Generator().manual_seed(args.seed)
         correct, agreed, computed, computed_over_prefix, seconds, answers = 0, 0.0, 0, 0, 0.0, []

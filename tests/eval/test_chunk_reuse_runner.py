@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_kvcompress.eval.blend_attention import BlendCache, BlendLayer
 from vllm_kvcompress.eval.chunk_reuse_runner import FULL_RECOMPUTE, ChunkReuseRunner, ReuseSetting
 from vllm_kvcompress.scorers.rope import rotate
 from vllm_kvcompress.sharing.chunk_store import ChunkStore
@@ -38,11 +37,7 @@ def prompts(runner, filler: int = 0):
 
 def layer_keys(runner, token_ids, start):
     """Every layer's keys [L, H, n, D] of token_ids computed alone at positions start.."""
-    shape = runner.shape
-    cache = BlendCache([BlendLayer(torch.empty(shape.num_kv_heads, 0, shape.head_size),
-                                   torch.empty(shape.num_kv_heads, 0, shape.head_size),
-                                   torch.empty(shape.num_kv_heads, 0, dtype=torch.long))
-                        for _ in range(shape.num_layers)])
+    cache = runner._empty_cache()
     runner._forward(cache, torch.tensor(token_ids), torch.arange(start, start + len(token_ids)))
     return torch.stack([layer.keys for layer in cache.layers])
 
@@ -85,7 +80,8 @@ def test_reuse_loads_chunks_and_the_rotation_matters(runner):
     full = runner.answer(second, second_spans, FULL_RECOMPUTE, None, 12)
     divergence = {}
     for setting in (ReuseSetting("fixed", recompute=0.15),
-                    ReuseSetting("unfixed", recompute=0.15, fix_rope=False)):
+                    ReuseSetting("unfixed", recompute=0.15, fix_rope=False),
+                    ReuseSetting("deviation", recompute=0.15, selection="deviation")):
         store = ChunkStore(1 << 30)
         runner.answer(first, first_spans, setting, store, 12)
         outcome = runner.answer(second, second_spans, setting, store, 12)
@@ -98,3 +94,4 @@ def test_reuse_loads_chunks_and_the_rotation_matters(runner):
         if setting.fix_rope:
             assert "7712093" in outcome.text
     assert divergence["fixed"] * 5 < divergence["unfixed"]
+    assert divergence["deviation"] * 5 < divergence["unfixed"]

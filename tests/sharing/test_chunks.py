@@ -122,3 +122,8 @@ def test_recompute_selection_and_plan():
     assert [c.start for c in plan.loaded] == [10] and plan.missed[0][1:] == (40, 50)
     expected = sorted(set(range(60)) - set(range(10, 30)) | {10 + i for i in picked.tolist()})
     assert plan.computed.tolist() == expected and plan.reused_tokens == 17
+    by_deviation = plan_reuse(tokens, [(10, 30)], store, "m", 0.15, "deviation",
+                              deviation=lambda hits: [torch.arange(20.0) for _ in hits])
+    assert by_deviation.loaded[0].recompute.tolist() == [17, 18, 19]
+    with pytest.raises(ValueError, match="deviation"):
+        select_recompute(stored, 0.15, "deviation")

@@ -71,12 +71,19 @@ class ChunkStats:
             self.outside[index][query_positions[rows] - start] += share
 
 
+class ProbeTaken(Exception):
+    """Ends a forward at BlendCache.stop_at once that layer's values are taken."""
+
+
 @dataclass
 class BlendCache:
-    """One BlendLayer per layer; stats: statistics to collect in this forward, or None."""
+    """One BlendLayer per layer; stats: statistics to collect in this forward, or None;
+    stop_at: a layer whose fresh values [H, S, D] go to `probe`, ending the forward there."""
 
     layers: list[BlendLayer]
     stats: ChunkStats | None = None
+    stop_at: int | None = None
+    probe: torch.Tensor | None = None
 
 
 def blend_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -84,6 +91,9 @@ def blend_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
                     dropout: float = 0.0, *, kv_blend: BlendCache, position_ids: torch.Tensor,
                     **kwargs) -> tuple[torch.Tensor, None]:
     """query [1, Hq, S, D], key/value [1, H, S, D], position_ids [1, S] -> ([1, S, Hq, D], None)."""
+    if module.layer_idx == kv_blend.stop_at:
+        kv_blend.probe = value[0]
+        raise ProbeTaken
     layer = kv_blend.layers[module.layer_idx]
     _, query_heads, new, head_size = query.shape
     heads = key.shape[1]

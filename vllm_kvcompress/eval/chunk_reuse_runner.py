@@ -17,17 +17,27 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from vllm_kvcompress.eval.blend_attention import BLEND_ATTENTION, BlendCache, BlendLayer, ChunkStats
+from vllm_kvcompress.eval.blend_attention import (
+    BLEND_ATTENTION,
+    BlendCache,
+    BlendLayer,
+    ChunkStats,
+    ProbeTaken,
+)
 from vllm_kvcompress.scorers.rope import rotate
 from vllm_kvcompress.scorers.trained_scorer import ModelShape
 from vllm_kvcompress.sharing.chunk_reuse import ReusePlan, placed, plan_reuse
 from vllm_kvcompress.sharing.chunk_store import ChunkStore, StoredChunk
 
+# CacheBlend's check layer: layer 0 runs over every token, layer 1's values are compared.
+CHECK_LAYER = 1
+
 
 @dataclass(frozen=True)
 class ReuseSetting:
     """How a request reuses chunks. reuse False: compute everything (no store). recompute:
-    fraction of each loaded chunk computed anew; selection: "attention" or "random";
+    fraction of each loaded chunk computed anew; selection: "attention", "deviation" or
+    "random";
     fix_rope False loads keys unrotated (must fail); chunk_budget: fraction of a chunk's
     tokens stored."""
 
@@ -81,7 +91,8 @@ class ChunkReuseRunner:
         the chunks computed in full, decode greedily."""
         store = store if setting.reuse else None
         plan = plan_reuse(token_ids, spans, store, self.model_name, setting.recompute,
-                          setting.selection, generator)
+                          setting.selection, generator,
+                          deviation=lambda hits: self._value_deviation(token_ids, hits))
         cache = self._loaded_cache(plan, setting.fix_rope)
         if store is not None and plan.missed:
             cache.stats = ChunkStats([(start, end) for _, start, end in plan.missed],
@@ -106,6 +117,32 @@ class ChunkReuseRunner:
         return ReuseOutcome(answer, self.tokenizer.decode(answer, skip_special_tokens=True),
                             computed_positions=plan.computed, reused=plan.reused_tokens,
                             prefill_s=prefill_s, first_logits=first_logits)
+
+    def _value_deviation(self, token_ids: Sequence[int],
+                         hits: list[tuple[int, StoredChunk]]) -> list[torch.Tensor]:
+        """Per hit [n]: the distance between its stored values at CHECK_LAYER and those of
+        a fresh pass of the first layers over the whole prompt, summed over KV heads."""
+        cache = self._empty_cache()
+        cache.stop_at = CHECK_LAYER
+        try:
+            self._forward(cache, torch.tensor(token_ids), torch.arange(len(token_ids)))
+        except ProbeTaken:
+            pass
+        fresh = cache.probe.float()                                            # [H, N, D]
+        scores = []
+        for start, chunk in hits:
+            offsets = chunk.offsets[CHECK_LAYER]                                # [H, k]
+            values = fresh.gather(1, (start + offsets)[..., None].expand(-1, -1, fresh.shape[-1]))
+            distance = (values - chunk.values[CHECK_LAYER].float()).norm(dim=-1)
+            scores.append(torch.zeros(chunk.length).index_add_(0, offsets.flatten(), distance.flatten()))
+        return scores
+
+    def _empty_cache(self) -> BlendCache:
+        shape, dtype = self.shape, self.model.dtype
+        return BlendCache([BlendLayer(torch.empty(shape.num_kv_heads, 0, shape.head_size, dtype=dtype),
+                                      torch.empty(shape.num_kv_heads, 0, shape.head_size, dtype=dtype),
+                                      torch.empty(shape.num_kv_heads, 0, dtype=torch.long))
+                           for _ in range(shape.num_layers)])
 
     def _loaded_cache(self, plan: ReusePlan, fix_rope: bool) -> BlendCache:
         shape, dtype = self.shape, self.model.dtype

@@ -5,15 +5,17 @@ A request's prompt tokens are either loaded from the chunk store (the chunks it 
 the store holds) or computed. Computed are: every token outside a loaded chunk, and a
 fraction of each loaded chunk's tokens (`recompute`), chosen as Cache-Craft does: those
 whose attention went most to text before the chunk when it was stored, since their KV
-depends most on a context that is now different ("random" picks them uniformly, the
-baseline). Loaded keys move from chunk positions 0..n-1 to start..start+n-1 by one RoPE
+depends most on a context that is now different; "deviation" is CacheBlend's rule, the
+tokens whose values at an early layer differ most between the stored KV and a fresh pass
+of that layer over the whole prompt (the caller computes it); "random" picks uniformly,
+the baseline. Loaded keys move from chunk positions 0..n-1 to start..start+n-1 by one RoPE
 rotation by `start` (R(start + i) = R(start) R(i)).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ from vllm_kvcompress.scorers.rope import rotate
 from vllm_kvcompress.sharing.chunk_store import ChunkStore, StoredChunk
 from vllm_kvcompress.sharing.chunks import chunk_key
 
-SELECTIONS = ("attention", "random")
+SELECTIONS = ("attention", "deviation", "random")
 
 
 @dataclass
@@ -50,8 +52,10 @@ class ReusePlan:
 
 
 def select_recompute(chunk: StoredChunk, ratio: float, selection: str,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Chunk offsets [round(ratio * n)] int64, ascending, to compute anew."""
+                     generator: torch.Generator | None = None,
+                     deviation: torch.Tensor | None = None) -> torch.Tensor:
+    """Chunk offsets [round(ratio * n)] int64, ascending, to compute anew. deviation [n]:
+    the per-token scores of the "deviation" selection."""
     if not 0 <= ratio <= 1:
         raise ValueError(f"kv_chunk_recompute must be in [0, 1]; got {ratio}")
     if selection not in SELECTIONS:
@@ -60,6 +64,10 @@ def select_recompute(chunk: StoredChunk, ratio: float, selection: str,
     count = math.floor(ratio * chunk.length + 0.5)
     if selection == "attention":
         picked = chunk.outside.topk(count).indices
+    elif selection == "deviation":
+        if deviation is None:
+            raise ValueError("the deviation selection needs each chunk's value deviations")
+        picked = deviation.topk(count).indices
     else:
         picked = torch.randperm(chunk.length, generator=generator)[:count]
     return picked.sort().values
@@ -67,18 +75,25 @@ def select_recompute(chunk: StoredChunk, ratio: float, selection: str,
 
 def plan_reuse(token_ids: Sequence[int], spans: Sequence[tuple[int, int]], store: ChunkStore | None,
                model: str, ratio: float, selection: str = "attention",
-               generator: torch.Generator | None = None) -> ReusePlan:
-    """Look the request's chunks up in `store` (None: reuse nothing) and plan its compute."""
+               generator: torch.Generator | None = None,
+               deviation: Callable[[list[tuple[int, StoredChunk]]], list[torch.Tensor]] | None = None,
+               ) -> ReusePlan:
+    """Look the request's chunks up in `store` (None: reuse nothing) and plan its compute.
+    deviation: for the "deviation" selection, [n] scores per hit from its (start, chunk)."""
     computed = torch.ones(len(token_ids), dtype=torch.bool)
-    loaded, missed = [], []
+    hits, missed = [], []
     for start, end in spans:
         key = chunk_key(token_ids[start:end], model)
         chunk = store.get(key) if store is not None else None
         if chunk is None or chunk.length != end - start:
             missed.append((key, start, end))
-            continue
-        recompute = select_recompute(chunk, ratio, selection, generator)
-        computed[start:end] = False
+        else:
+            hits.append((start, chunk))
+    scores = deviation(hits) if selection == "deviation" and hits else [None] * len(hits)
+    loaded = []
+    for (start, chunk), score in zip(hits, scores):
+        recompute = select_recompute(chunk, ratio, selection, generator, score)
+        computed[start:start + chunk.length] = False
         computed[start + recompute] = True
         loaded.append(LoadedChunk(start, chunk, recompute))
     return ReusePlan(computed.nonzero()[:, 0], loaded, missed)
