@@ -62,10 +62,8 @@ class ChunkStats:
                 continue
             block = probs[:, :, rows]                                        # [H, G, s, M]
             inside = (key_positions >= start) & (key_positions < end)        # [H, M]
-            for head in range(heads):
-                cols = inside[head].nonzero()[:, 0]
-                self.received[index][layer, head].index_add_(
-                    0, key_positions[head, cols] - start, block[head][..., cols].sum(dim=(0, 1)))
+            offsets = (key_positions - start).clamp(0, end - start - 1)
+            self.received[index][layer].scatter_add_(1, offsets, block.sum(dim=(1, 2)) * inside)
             before = (key_positions >= self.sinks) & (key_positions < start)
             share = (block * before[:, None, None, :]).sum(-1).mean(dim=(0, 1))   # [s]
             self.outside[index][query_positions[rows] - start] += share

@@ -145,17 +145,11 @@ class ChunkReuseRunner:
                            for _ in range(shape.num_layers)])
 
     def _loaded_cache(self, plan: ReusePlan, fix_rope: bool) -> BlendCache:
-        shape, dtype = self.shape, self.model.dtype
-        layers = []
-        for layer in range(shape.num_layers):
-            parts = [placed(loaded, layer, shape.rope_theta, fix_rope) for loaded in plan.loaded]
-            empty = torch.empty(shape.num_kv_heads, 0, shape.head_size, dtype=dtype)
-            layers.append(BlendLayer(
-                keys=torch.cat([empty] + [k for k, _, _ in parts], dim=1),
-                values=torch.cat([empty] + [v for _, v, _ in parts], dim=1),
-                positions=torch.cat([torch.empty(shape.num_kv_heads, 0, dtype=torch.long)]
-                                    + [p for _, _, p in parts], dim=1)))
-        return BlendCache(layers)
+        cache = self._empty_cache()
+        for index, layer in enumerate(cache.layers):
+            for loaded in plan.loaded:
+                layer.append(*placed(loaded, index, self.shape.rope_theta, fix_rope))
+        return cache
 
     def _forward(self, cache: BlendCache, token_ids: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:

@@ -110,8 +110,7 @@ def placed(loaded: LoadedChunk, layer: int, theta: float,
     chunk = loaded.chunk
     keys, values, offsets = chunk.keys[layer], chunk.values[layer], chunk.offsets[layer]
     if fix_rope:
-        heads, stored, size = keys.shape
-        shift = torch.full((stored,), loaded.start)
+        shift = torch.full((keys.shape[1],), loaded.start)
         keys = rotate(keys.transpose(0, 1), shift, theta).transpose(0, 1).to(values.dtype)
     positions = loaded.start + offsets
     recomputed = torch.isin(offsets, loaded.recompute)
