@@ -38,7 +38,7 @@ import time
 from collections import deque
 
 from timing import print_table
-from vllm_kvcompress.sharing.cache_sim import replay
+from vllm_kvcompress.sharing.cache_sim import belady, replay
 from vllm_kvcompress.sharing.cache_sim_command import compare
 from vllm_kvcompress.sharing.predictors import OnlinePredictor, exact_hints
 from vllm_kvcompress.sharing.replacement import LRU, Marking
@@ -84,6 +84,47 @@ def simulate(caches: list[int]) -> list[dict]:
             rates = compare(trace, capacity, FLIPS)
             results.append({"trace": kind, "cache_pages": capacity, **rates})
     return results
+
+
+def turn_oracle(caches: list[int], thresholds=(0.3, 0.5, 0.7, 0.9)) -> list[dict]:
+    """The best a bit predicted from a chat's app (its system prompt) and turn number can
+    do on the multi-turn trace: a chat's pages are hinted discard when the trace's own
+    share of last turns among requests of that app at that turn is >= the threshold (an
+    oracle of the hazard, which a predictor learning from these features can only
+    estimate): how much of the LRU-to-Belady gap those two features can explain."""
+    trace, system_pages = multi_turn_chat(), 4
+    seen: dict[str, int] = {}
+    keys = []
+    for request in trace:
+        chat = request.pages[system_pages]        # the chat's first own page
+        keys.append((request.pages[0], seen.get(chat, 0)))
+        seen[chat] = seen.get(chat, 0) + 1
+    lasts: dict[tuple, list[int]] = {}
+    for key, request in zip(keys, trace):
+        counts = lasts.setdefault(key, [0, 0])
+        counts[0] += request.discard[-1]
+        counts[1] += 1
+    results = []
+    for capacity in caches:
+        lru = replay(trace, capacity, LRU()).hit_rate
+        best = belady(trace, capacity)[0].hit_rate
+        row = {"cache_pages": capacity, "lru": lru, "belady": best}
+        for threshold in thresholds:
+            bits = [[0] * system_pages + [int(lasts[k][0] / lasts[k][1] >= threshold)]
+                    * (len(r.pages) - system_pages) for k, r in zip(keys, trace)]
+            rate = replay(trace, capacity, Marking(capacity), bits).hit_rate
+            row[f"p>={threshold:g}"] = (rate - lru) / (best - lru)
+        results.append(row)
+    return results
+
+
+def print_turn_oracle(results: list[dict]) -> None:
+    print("\nmulti-turn: share of the LRU-to-Belady gap closed by bits from (app, turn) "
+          "with the trace's own last-turn frequencies")
+    names = [k for k in results[0] if k.startswith("p>=")]
+    print_table(["pages", "lru", "belady", *names],
+                [[r["cache_pages"], r["lru"], r["belady"], *(f"{r[n]:+.2f}" for n in names)]
+                 for r in results])
 
 
 def print_simulation(results: list[dict]) -> None:
@@ -256,6 +297,8 @@ def main() -> None:
     results = simulate(args.cache_pages) if args.cache_pages else []
     if results:
         print_simulation(results)
+        oracle = turn_oracle(args.cache_pages)
+        print_turn_oracle(oracle)
     engine = []
     if args.engine:
         engine = end_to_end(args)
@@ -264,7 +307,8 @@ def main() -> None:
         plot(results, args.plot, sorted(args.cache_pages)[len(args.cache_pages) // 2])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"simulator": results, "engine": engine}, f, indent=1)
+            json.dump({"simulator": results, "turn_oracle": oracle if results else [],
+                       "engine": engine}, f, indent=1)
 
 
 if __name__ == "__main__":

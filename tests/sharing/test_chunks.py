@@ -11,6 +11,7 @@ import torch
 from vllm_kvcompress.sharing.chunk_reuse import plan_reuse, select_recompute
 from vllm_kvcompress.sharing.chunk_store import ChunkStore, StoredChunk
 from vllm_kvcompress.sharing.chunks import chunk_key, rag_prompt, validate_chunks
+from vllm_kvcompress.sharing.replacement import LRU, Marking
 
 
 @pytest.mark.parametrize("value, fragment", [
@@ -89,6 +90,23 @@ def test_store_never_exceeds_its_bound_and_evicts_least_recent():
     small.put("c", chunk(10))
     assert "a" in small and "c" in small and "b" not in small
     assert not small.put("huge", chunk(100)) and len(small) == 2
+
+
+def test_store_follows_its_replacement_policy_and_hints_only_move_victims():
+    hinted = ChunkStore(capacity_bytes=chunk(10).nbytes * 2, replacement=Marking(capacity=2))
+    hinted.put("a", chunk(10)), hinted.put("b", chunk(10))
+    hinted.get("b", discard=True)       # b's last use: it goes before the older a
+    hinted.put("c", chunk(10))
+    assert "a" in hinted and "c" in hinted and "b" not in hinted
+    rng = random.Random(1)
+    for policy in (LRU(), Marking(capacity=3)):
+        store = ChunkStore(capacity_bytes=chunk(40).nbytes * 3, replacement=policy)
+        for step in range(200):
+            key, hint = str(rng.randrange(12)), rng.choice([None, True, False])
+            if store.get(key, discard=hint) is None:
+                store.put(key, chunk(rng.randrange(5, 60), seed=step), discard=hint)
+            assert store.bytes == sum(c.nbytes for c in store._chunks.values()) <= store.capacity_bytes
+            assert policy.num_evictable() == len(store)
 
 
 def test_compressed_chunk_keeps_most_received_tokens_per_head():

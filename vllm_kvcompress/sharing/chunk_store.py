@@ -1,5 +1,6 @@
 """A byte-bounded store of chunks' KV, at positions from 0, with the statistics that the
-choice of tokens to recompute needs; least recently used chunks leave first.
+choice of tokens to recompute needs; which chunk leaves is its replacement policy's choice
+(sharing/replacement/: LRU by default, or the marking policy with one-bit hints).
 
 A chunk is saved the first time a request computes it in full, with its keys rotated back
 to chunk positions 0..n-1, so loading it anywhere is one rotation (sharing/chunk_reuse.py).
@@ -11,10 +12,11 @@ KV head.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from vllm_kvcompress.sharing.replacement import LRU, ReplacementPolicy
 
 
 @dataclass
@@ -72,13 +74,16 @@ def _slots_of(offsets: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
 
 
 class ChunkStore:
-    """Chunks by key, at most `capacity_bytes` in all; least recently used evicted first."""
+    """Chunks by key, at most `capacity_bytes` in all. A chunk is pinned only while the
+    store touches it, so every stored chunk is evictable between requests; `replacement`
+    picks the victims (the same interface as vLLM's prefix cache, one chunk per page)."""
 
-    def __init__(self, capacity_bytes: int):
+    def __init__(self, capacity_bytes: int, replacement: ReplacementPolicy | None = None):
         if capacity_bytes <= 0:
             raise ValueError(f"kv_chunk_store_gib must be positive; got {capacity_bytes} bytes")
         self.capacity_bytes = capacity_bytes
-        self._chunks: OrderedDict[str, StoredChunk] = OrderedDict()
+        self.replacement = replacement if replacement is not None else LRU()
+        self._chunks: dict[str, StoredChunk] = {}
         self.bytes = 0
         self.lookups = 0
         self.hits = 0
@@ -90,26 +95,31 @@ class ChunkStore:
     def __contains__(self, key: str) -> bool:
         return key in self._chunks
 
-    def get(self, key: str) -> StoredChunk | None:
-        """The chunk (now most recently used), or None; counted as a lookup."""
+    def get(self, key: str, discard: bool | None = None) -> StoredChunk | None:
+        """The chunk or None, counted as a lookup; `discard` is this use's one-bit hint
+        ("no further use expected") for the replacement policy."""
         self.lookups += 1
+        self.replacement.note_lookup([key], int(key in self._chunks))
         chunk = self._chunks.get(key)
         if chunk is not None:
             self.hits += 1
-            self._chunks.move_to_end(key)
+            self.replacement.pin(key)
+            self.replacement.release(key, discard)
         return chunk
 
-    def put(self, key: str, chunk: StoredChunk) -> bool:
-        """Store `chunk` under `key`, evicting the least recently used until it fits; False
+    def put(self, key: str, chunk: StoredChunk, discard: bool | None = None) -> bool:
+        """Store `chunk` under `key`, evicting the policy's victims until it fits; False
         (nothing stored or evicted) if it alone exceeds the capacity."""
         if chunk.nbytes > self.capacity_bytes:
             return False
         if key in self._chunks:
+            self.replacement.drop(key)
             self.bytes -= self._chunks.pop(key).nbytes
         while self.bytes + chunk.nbytes > self.capacity_bytes:
-            _, evicted = self._chunks.popitem(last=False)
-            self.bytes -= evicted.nbytes
+            victim = self.replacement.pop_victim()
+            self.bytes -= self._chunks.pop(victim).nbytes
             self.evictions += 1
         self._chunks[key] = chunk
         self.bytes += chunk.nbytes
+        self.replacement.release(key, discard)
         return True

@@ -77,8 +77,8 @@ class OnlinePredictor:
     """Logistic regression on hashed features of a page use, trained as it goes.
 
     Features: depth in the chain, distance to the chain's end, uses of the page so far,
-    whether it was a hit, the chain's first page (which system prompt or chat) and their
-    crossings. Labels: every `window // 2` requests, Belady replays the last `window`
+    whether it was a hit, the chain's first page (which system prompt or chat), the uses of
+    the request's own branch (a chat's turn number) and their crossings. Labels: every `window // 2` requests, Belady replays the last `window`
     requests on a cache of `capacity` pages and labels the older half's uses (their
     future inside the window is known) as discard or keep.
     """
@@ -99,6 +99,7 @@ class OnlinePredictor:
     def _features(self, pages: Sequence[str], hits: int) -> list[list[int]]:
         root, n = pages[0] if pages else "", len(pages)
         branch = _branch(pages, self.uses)
+        turn = min(self.uses.get(branch, 0), 15)
         rows = []
         for pos, page in enumerate(pages):
             depth, to_end = _bucket(pos), _bucket(n - 1 - pos)
@@ -106,7 +107,7 @@ class OnlinePredictor:
             names = (f"d{depth}", f"e{to_end}", f"u{uses}", f"h{hit}", f"r{root}",
                      f"r{root}d{depth}", f"e{to_end}u{uses}", f"d{depth}u{uses}",
                      f"d{depth}e{to_end}h{hit}", f"r{root}e{to_end}u{uses}", f"b{branch}",
-                     f"b{branch}h{hit}")
+                     f"b{branch}h{hit}", f"r{root}t{turn}", f"r{root}t{turn}h{hit}")
             rows.append([zlib.crc32(name.encode()) % self.DIMS for name in names])
         return rows
 
