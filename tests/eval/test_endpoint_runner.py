@@ -96,6 +96,7 @@ def test_refuses_prompts_that_leave_no_room_for_the_answer(stub):
     assert [r.score for r in evaluate(EndpointRunner(stub.url), [SAMPLE], [Setting()])] == [1.0]
 
 
+@pytest.mark.slow   # 100 s: a real server start plus two passkeys (the stub covers the protocol)
 def test_real_vllm_serve_with_policy_none_answers_like_the_reference_runner(
         model_dir, runner, count_tokens, tmp_path):
     samples = make_samples(["passkey"], [512], num_samples=2, seed=0, count_tokens=count_tokens)

@@ -31,9 +31,9 @@ def test_examples_put_the_question_after_the_context(frozen):
 # The trainer is shared; the gate's model trains in the slow suite (70 s on 2 cores).
 @pytest.mark.parametrize("kind", ["locret", pytest.param("gate", marks=pytest.mark.slow)])
 def test_training_is_seeded_and_the_loss_falls(frozen, kind):
-    _, losses = train_scorer(frozen, kind, steps=4, seed=3, num_words=150)
-    _, repeat = train_scorer(frozen, kind, steps=4, seed=3, num_words=150)
-    _, other_seed = train_scorer(frozen, kind, steps=4, seed=4, num_words=150)
+    _, losses = train_scorer(frozen, kind, steps=2, seed=3, num_words=150)
+    _, repeat = train_scorer(frozen, kind, steps=2, seed=3, num_words=150)
+    _, other_seed = train_scorer(frozen, kind, steps=2, seed=4, num_words=150)
     assert repeat == losses
     assert other_seed != losses
     _, longer = train_scorer(frozen, kind, steps=16, seed=3, num_words=150)

@@ -44,15 +44,16 @@ def tokenizer(model_dir):
 def test_admission_by_peak_pages_never_preempts_and_keeps_outputs(model_dir, tokenizer,
                                                                   compression):
     # Short prompts, long answers: vLLM admits by the prompt's pages and then preempts as
-    # the answers grow; 21 pages hold 3 of these requests at their peak (7 pages each).
-    prompts = [prompt_of_length(tokenizer, 100, seed=300 + i) for i in range(6)]
+    # the answers grow; 9 pages (and the null block) hold 3 of these requests at their
+    # peak (40 + 56 tokens: 3 pages each) where vLLM admits 4 (2 prompt pages each).
+    prompts = [prompt_of_length(tokenizer, 40, seed=300 + i) for i in range(6)]
     outputs, preempted = {}, {}
     for scheduling in ("vllm", "batch"):
         config = {"kv_scheduling": scheduling, **compression}
-        with started_llm(model_dir, num_gpu_blocks_override=22, additional_config=config,
-                         **{**ENGINE, "max_model_len": 512}) as llm:
+        with started_llm(model_dir, num_gpu_blocks_override=10, additional_config=config,
+                         **{**ENGINE, "max_model_len": 256}) as llm:
             after_step, counts = preemption_counter(llm)
-            stats = run(llm, prompts, greedy(120), after_step=after_step)
+            stats = run(llm, prompts, greedy(56), after_step=after_step)
             outputs[scheduling], preempted[scheduling] = stats.outputs, sum(counts.values())
             assert all_pages_free(llm)
     assert preempted["batch"] == 0

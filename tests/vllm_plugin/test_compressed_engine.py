@@ -86,11 +86,11 @@ def test_no_leak_under_aborts_and_preemption(model_dir, tokenizer):
     # stops them: the pool runs out mid-decode and vLLM preempts.
     prompts = [prompt_of_length(tokenizer, n, seed=200 + n) for n in
                (280, 300, 320, 260, 310, 290, 270, 330)]
-    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)
     with started_llm(model_dir, kv_tokens=1536, max_model_len=1024,  # tight: preemptions
                      additional_config={"kv_policy": "ems", "budget": 384,
                                         "kv_interval": 8}) as llm:
-        stats = run(llm, prompts, params, abort_after_steps={1: 3, 4: 20, 6: 60})
+        stats = run(llm, prompts, params, abort_after_steps={1: 3, 4: 20, 6: 40})
         assert stats.preemptions > 0
         assert len(stats.outputs) == len(prompts) - len(stats.aborted)
         # One more request delivers the previous finishes to the worker.

@@ -80,7 +80,8 @@ def test_native_kernel_equals_torch_reference(dtype, tol):
     assert (lengths != lengths[..., :1]).any(), "heads should hold different lengths"
     native = NativeCPUAttention(kv_caches, HEADS * GROUP, HEADS, DIM, BLOCK)
     num_tokens = int(query_start_loc[-1])
-    step = native.plan(query_start_loc, cache.tables.block_tables, cache.tables.lengths, slots)
+    step = native.plan(query_start_loc, num_tokens, cache.tables.block_tables,
+                       cache.tables.lengths, slots)
     for layer in range(LAYERS):
         query = torch.randn(num_tokens, HEADS * GROUP, DIM, generator=gen).to(dtype)
         got = native.forward(layer, query, step, DIM ** -0.5)

@@ -79,6 +79,7 @@ def test_predicted_replacement_keeps_outputs_and_pool(model_dir, waves, stock_ou
     assert replay(lines, 24, LRU()).hits > 0
 
 
+@pytest.mark.slow   # 45 s; aborts under compression leave the pool whole: test_compressed_engine
 def test_predicted_replacement_with_compression_aborts_leave_pool_whole(model_dir, waves):
     config = {"kv_policy": "snapkv", "budget": 4000, "kv_cache_replacement": "predicted"}
     with started_llm(model_dir, kv_tokens=KV_TOKENS * 4, additional_config=config) as llm:

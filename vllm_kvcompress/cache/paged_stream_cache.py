@@ -338,9 +338,9 @@ class PagedStreamCache:
     def _counts(self, num_new: IntsLike) -> tuple[torch.Tensor, int, int]:
         """num_new on the device, plus its sum and max on the host (they size tensors;
         reading them from a GPU tensor is a sync, so callers pass host values)."""
-        host = torch.as_tensor(num_new, dtype=torch.int64).cpu()
-        total, most = (int(host.sum()), int(host.max())) if len(host) else (0, 0)
-        return host.to(self.device), total, most
+        counts = torch.as_tensor(num_new, dtype=torch.int64).cpu().tolist()
+        on_device = torch.tensor(counts, dtype=torch.int64).to(self.device)
+        return on_device, sum(counts), max(counts, default=0)
 
     def _scrub(self, pages: torch.Tensor) -> None:
         """Zero the KV memory of pages [P] leaving a request that kept second-tier rows:

@@ -31,18 +31,22 @@ class QueryWindow:
                                    dtype=dtype, device=device)
         self.positions = torch.full((max_requests, window), -1, dtype=torch.int64, device=device)
 
-    def plan(self, slots: torch.Tensor, query_start_loc: torch.Tensor,
+    def plan(self, slots: list[int], query_lens: list[int],
              positions: torch.Tensor) -> WindowWrites:
-        """The writes of one step: slots [R], query_start_loc [R + 1], positions [tokens]
-        of the step's tokens. Only each request's last W tokens are written, so no two
-        writes hit the same ring index (a scatter with duplicates would be unordered)."""
-        counts = (query_start_loc[1:] - query_start_loc[:-1]).long()
-        token_slot = torch.repeat_interleave(slots, counts)
-        ends = torch.repeat_interleave(query_start_loc[1:].long(), counts)
-        rows = torch.arange(len(positions), device=positions.device)
-        recent = rows >= ends - self.window
-        rows = rows[recent]
-        return WindowWrites(rows, token_slot[recent], positions[rows] % self.window)
+        """The writes of one step: the step's requests' slots and query lengths (host) and
+        positions [tokens] of the step's tokens. Only each request's last W tokens are
+        written, so no two writes hit the same ring index (a scatter with duplicates would
+        be unordered). Planned on the host: which rows enter depends only on the lengths."""
+        rows, row_slots, end = [], [], 0
+        for slot, count in zip(slots, query_lens):
+            end += count
+            recent = range(end - min(count, self.window), end)
+            rows.extend(recent)
+            row_slots.extend([slot] * len(recent))
+        device = positions.device
+        rows = torch.tensor(rows, dtype=torch.int64).to(device)
+        return WindowWrites(rows, torch.tensor(row_slots, dtype=torch.int64).to(device),
+                            positions[rows] % self.window)
 
     def record_positions(self, writes: WindowWrites, positions: torch.Tensor) -> None:
         self.positions[writes.slots, writes.ring] = positions[writes.rows].long()

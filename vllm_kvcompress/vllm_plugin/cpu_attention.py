@@ -71,13 +71,12 @@ class NativeCPUAttention:
         self.caches = [kv.view(-1, 1, 2 * block_size, head_size).chunk(2, dim=2)
                        for kv in kv_caches]
 
-    def plan(self, query_start_loc: torch.Tensor, block_tables: torch.Tensor,
+    def plan(self, query_start_loc: torch.Tensor, num_tokens: int, block_tables: torch.Tensor,
              lengths: torch.Tensor, request_slots: torch.Tensor) -> NativeStep:
         """Once per step, after the step's tokens were appended: query_start_loc [R + 1]
-        (host), the cache's block_tables [L, S, H, max_blocks] and lengths [L, S, H],
-        request_slots [R]. Compressing a layer later in the step changes only that layer's
-        tables, after it attended."""
-        num_tokens = int(query_start_loc[-1])
+        (host) and its last entry num_tokens, the cache's block_tables [L, S, H, max_blocks]
+        and lengths [L, S, H], request_slots [R]. Compressing a layer later in the step
+        changes only that layer's tables, after it attended."""
         heads = torch.arange(self.num_kv_heads, dtype=torch.int32)[:, None] * num_tokens
         starts = (heads + query_start_loc[None, :-1].to(torch.int32)).flatten()
         query_starts = torch.cat([starts, torch.tensor([self.num_kv_heads * num_tokens],

@@ -9,6 +9,7 @@ the per-head tables and compresses the layer's streams that are due.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -69,11 +70,14 @@ class RequestStreams:
 
 @dataclass
 class CompressionGroup:
-    """Requests that compress after this step with the same policy and budget."""
+    """Requests that compress after this step with the same policy and budget: their
+    slots on the host (the cache's bookkeeping reads them without a device sync) and,
+    once planned, on the device [R]."""
 
     policy: Policy
     budget: int
     slots: list[int] = field(default_factory=list)
+    slot_tensor: torch.Tensor | None = None
 
 
 class TorchRoute(NamedTuple):
@@ -102,7 +106,7 @@ class AttentionPart:
 
 
 class ScorerRows(NamedTuple):
-    """A trained scorer of the step, its rows [tokens] bool (None: every row), where each
+    """A trained scorer of the step, its rows [tokens'] int64 (None: every row), where each
     of its R' requests' rows start among them, segments [R' + 1] (CPU), and their cache
     slots [R'] (which hold their contexts in ScorerStates)."""
 
@@ -131,7 +135,7 @@ class StepPlan:
     positions: torch.Tensor
     window_writes: WindowWrites | None
     attention: list[AttentionPart]
-    groups: list[tuple[Policy, int, torch.Tensor]]
+    groups: list[CompressionGroup]
     density_slots: torch.Tensor | None = None
     scorers: list[ScorerRows] = field(default_factory=list)
 
@@ -278,27 +282,31 @@ class CompressionRuntime:
                                           CompressionGroup(streams.policy, budget))
                 group.slots.append(streams.slot)
 
+        # Host bookkeeping stays on the host: sizes come from Python ints, never from a
+        # device tensor (each read would be a sync on a GPU).
+        num_tokens = sum(query_lens)
         lens = torch.tensor(query_lens, dtype=torch.int64)
-        token_starts = torch.repeat_interleave(torch.tensor(starts, dtype=torch.int64), lens)
-        offsets = torch.arange(int(lens.sum())) - torch.repeat_interleave(
-            query_start_loc_cpu[:num_reqs].long(), lens)
+        token_starts = torch.repeat_interleave(torch.tensor(starts, dtype=torch.int64), lens,
+                                               output_size=num_tokens)
+        offsets = torch.arange(num_tokens) - torch.repeat_interleave(
+            query_start_loc_cpu[:num_reqs].long(), lens, output_size=num_tokens)
         positions = (token_starts + offsets).to(device)
         slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
-        slot_ids = self.cache.append(slot_tensor, lens)
+        slot_ids = self.cache.append(slots, query_lens)
         for slot, count in shared_pages_to_drop:
             self.cache.drop_leading_pages(slot, count)
         window_writes = None
         if needs_window:
-            window_writes = self.window.plan(
-                slot_tensor, query_start_loc_cpu[:num_reqs + 1].to(device), positions)
+            window_writes = self.window.plan(slots, query_lens, positions)
             self.window.record_positions(window_writes, positions)
+        for group in groups.values():
+            group.slot_tensor = torch.tensor(group.slots, device=device)
         return StepPlan(
-            num_tokens=int(lens.sum()), slot_ids=slot_ids, positions=positions,
+            num_tokens=num_tokens, slot_ids=slot_ids, positions=positions,
             window_writes=window_writes,
             attention=self._attention_parts(routes, query_start_loc_cpu[:num_reqs + 1],
-                                            slot_tensor),
-            groups=[(g.policy, g.budget, torch.tensor(g.slots, device=device))
-                    for g in groups.values()],
+                                            query_lens, slot_tensor),
+            groups=list(groups.values()),
             density_slots=torch.tensor(density_slots, device=device) if density_slots else None,
             scorers=self._scorer_rows(scorers, lens, slot_tensor))
 
@@ -310,11 +318,13 @@ class CompressionRuntime:
         if len(distinct) == 1 and all(s is distinct[0] for s in scorers):
             return [ScorerRows(distinct[0], None, _offsets(lens), slots)]
         parts = []
+        starts = _offsets(lens).tolist()
         for scorer in distinct:
-            members = torch.tensor([s is scorer for s in scorers])
-            rows = torch.repeat_interleave(members, lens).to(slots.device)
-            parts.append(ScorerRows(scorer, rows, _offsets(lens[members]),
-                                    slots[members.to(slots.device)]))
+            members = [i for i, s in enumerate(scorers) if s is scorer]
+            rows = [row for i in members for row in range(starts[i], starts[i + 1])]
+            parts.append(ScorerRows(scorer, torch.tensor(rows, device=slots.device),
+                                    _offsets(lens[members]),
+                                    slots[torch.tensor(members, device=slots.device)]))
         return parts
 
     def _route(self, streams: RequestStreams) -> TorchRoute | None:
@@ -331,32 +341,36 @@ class CompressionRuntime:
         return None
 
     def _attention_parts(self, routes: list[TorchRoute | None], query_start_loc_cpu: torch.Tensor,
-                         slots: torch.Tensor) -> list[AttentionPart]:
+                         query_lens: list[int], slots: torch.Tensor) -> list[AttentionPart]:
         """One part per distinct route among the step's requests (vLLM's kernel for those
         with none), each over its own rows."""
         distinct = list(dict.fromkeys(routes))
         if len(distinct) == 1:
-            return [self._attention_part(None, query_start_loc_cpu, slots, distinct[0])]
-        return [self._attention_part(torch.tensor([r == route for r in routes]),
-                                     query_start_loc_cpu, slots, route) for route in distinct]
+            return [self._attention_part(None, query_start_loc_cpu, query_lens, slots,
+                                         distinct[0])]
+        return [self._attention_part([r == route for r in routes], query_start_loc_cpu,
+                                     query_lens, slots, route) for route in distinct]
 
-    def _attention_part(self, members: torch.Tensor | None, query_start_loc_cpu: torch.Tensor,
-                        slots: torch.Tensor, route: TorchRoute | None) -> AttentionPart:
-        """The part made of the step's requests in `members` [R] bool (None: all of them)."""
+    def _attention_part(self, members: list[bool] | None, query_start_loc_cpu: torch.Tensor,
+                        query_lens: list[int], slots: torch.Tensor,
+                        route: TorchRoute | None) -> AttentionPart:
+        """The part made of the step's requests in `members` [R] (None: all of them)."""
         device = self.cache.device
         starts, tokens = query_start_loc_cpu, None
-        lens = starts[1:] - starts[:-1]
         if members is not None:
-            tokens = torch.repeat_interleave(members, lens).nonzero().flatten().to(device)
-            lens = lens[members]
-            starts = torch.cat([starts.new_zeros(1), lens.cumsum(0).to(starts.dtype)])
-            slots = slots[members.to(device)]
+            tokens = torch.tensor([row for member, start, n in zip(members, starts.tolist(),
+                                                                   query_lens) if member
+                                   for row in range(start, start + n)]).to(device)
+            query_lens = [n for member, n in zip(members, query_lens) if member]
+            starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=starts.dtype)
+            slots = slots[torch.tensor([i for i, member in enumerate(members) if member],
+                                       device=device)]
         step = None
         if route is None:
-            step = self.native.plan(starts, self.cache.tables.block_tables,
+            step = self.native.plan(starts, sum(query_lens), self.cache.tables.block_tables,
                                     self.cache.tables.lengths, slots)
         return AttentionPart(tokens=tokens, query_start_loc=starts.to(device), slots=slots,
-                             max_query_len=int(lens.max()) if len(lens) else 0, native=step,
+                             max_query_len=max(query_lens, default=0), native=step,
                              route=route)
 
     def forward(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -384,14 +398,14 @@ class CompressionRuntime:
             return
         started = time.perf_counter()
         last_layer = layer == self.num_layers - 1
-        for policy, budget, slots in plan.groups:
-            if not policy.needs_layer_densities:
-                self._compress(layer, policy, budget, slots, scale)
+        for group in plan.groups:
+            if not group.policy.needs_layer_densities:
+                self._compress(layer, group, scale)
             elif last_layer:
                 for each_layer in range(self.num_layers):
-                    self._compress(each_layer, policy, budget, slots, scale)
+                    self._compress(each_layer, group, scale)
         # Count each compressed request once, on the last layer.
-        requests = sum(len(slots) for _, _, slots in plan.groups) if last_layer else 0
+        requests = sum(len(group.slots) for group in plan.groups) if last_layer else 0
         self.metrics.add_compression(time.perf_counter() - started, requests)
 
     def _written_scores(self, layer: int, query: torch.Tensor, key: torch.Tensor,
@@ -431,9 +445,9 @@ class CompressionRuntime:
             self.layer_densities[slots] = tensor_model_parallel_all_reduce(
                 self.layer_densities[slots]) / ranks
 
-    def _compress(self, layer: int, policy: Policy, budget: int, slots: torch.Tensor,
-                  scale: float) -> None:
-        view = self.cache.gather(layer, slots)
+    def _compress(self, layer: int, group: CompressionGroup, scale: float) -> None:
+        policy, slots = group.policy, group.slot_tensor
+        view = self.cache.gather(layer, group.slots)
         window_queries = window_positions = None
         if policy.needs_window_queries:
             window_queries, window_positions = self.window.read(
@@ -445,7 +459,7 @@ class CompressionRuntime:
             num_kv_heads=self.num_kv_heads, layer=layer, num_layers=self.num_layers,
             scale=scale, window_queries=window_queries, window_positions=window_positions,
             layer_densities=densities, first_head=self.first_kv_head)
-        self.cache.compact(layer, slots, policy.compress(batch, budget))
+        self.cache.compact(layer, group.slots, policy.compress(batch, group.budget))
 
     def report(self) -> None:
         """Refresh the gauges (twice a second at most; reading the lengths is a device sync;
