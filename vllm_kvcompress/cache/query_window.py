@@ -27,7 +27,9 @@ class QueryWindow:
     def __init__(self, num_layers: int, max_requests: int, window: int, num_heads: int,
                  head_size: int, dtype: torch.dtype, device: torch.device | str):
         self.window = window
-        self.queries = torch.zeros(num_layers, max_requests, window, num_heads, head_size,
+        # Not zeroed: read() takes an entry only where its position says it was written,
+        # and zeroing every request slot's window once cost seconds at engine start.
+        self.queries = torch.empty(num_layers, max_requests, window, num_heads, head_size,
                                    dtype=dtype, device=device)
         self.positions = torch.full((max_requests, window), -1, dtype=torch.int64, device=device)
 
