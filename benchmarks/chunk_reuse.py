@@ -106,7 +106,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; prefix caching computes "
           f"{prefix_computed / len(requests):.0f} per request")
     rows, reference_tokens, full_seconds = [], None, None
-    settings = SETTINGS if not args.only else [SETTINGS[0]] + [SETTINGS[i] for i in args.only if i]
+    settings = [SETTINGS[0]] + [SETTINGS[i] for i in args.only if i] if args.only else SETTINGS
     for setting in settings:
         store = ChunkStore(int(args.store_gib * 2**30))
         generator = torch.Generator().manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """Host syncs per engine step on the compressed path, by policy and kind of step.
 
 One in-process vLLM engine per policy (the bundled model, float32), a few prompts
-decoded past several compressions; cache/host_syncs.py counts, around the runtime's
+decoded past several compressions; vllm_plugin/step_syncs.py counts, around the runtime's
 plan_step and forward, the ops that would make a GPU step wait (value reads,
 data-dependent shapes). Printed per kind of step (prefill, decode, compressing decode)
 as the mean per step, with the sites that cause them.
@@ -29,8 +29,7 @@ from timing import print_table
 from vllm import LLM, SamplingParams
 
 from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
-from vllm_kvcompress.cache.host_syncs import HostSyncCounter
-from vllm_kvcompress.vllm_plugin.runtime import CompressionRuntime
+from vllm_kvcompress.vllm_plugin.step_syncs import StepSyncs, counting_step_syncs
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,26 +41,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def counted_run(policy: str, args) -> dict[str, list[Counter]]:
-    """{step kind: [sites Counter per step]} for one engine run."""
-    steps: list[tuple[str, Counter]] = []
-    plan_step, forward = CompressionRuntime.plan_step, CompressionRuntime.forward
-
-    def counted_plan_step(self, *a, **k):
-        with HostSyncCounter() as syncs:
-            plan = plan_step(self, *a, **k)
-        kind = ("compressing decode" if plan.groups else "decode") \
-            if plan.num_tokens <= args.num_prompts else "prefill"
-        steps.append((kind, syncs.sites))
-        return plan
-
-    def counted_forward(self, *a, **k):
-        with HostSyncCounter() as syncs:
-            forward(self, *a, **k)
-        steps[-1][1].update(syncs.sites)
-
-    CompressionRuntime.plan_step, CompressionRuntime.forward = counted_plan_step, counted_forward
-    try:
+def counted_run(policy: str, args) -> dict[str, list[StepSyncs]]:
+    """{step kind: its steps} for one engine run."""
+    with counting_step_syncs() as steps:
         llm = LLM(str(model_path(DEFAULT_MODEL)), enforce_eager=True, dtype="float32",
                   max_model_len=2048, seed=0,
                   additional_config={"kv_policy": policy, "budget": args.budget})
@@ -72,11 +54,11 @@ def counted_run(policy: str, args) -> dict[str, list[Counter]]:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    finally:
-        CompressionRuntime.plan_step, CompressionRuntime.forward = plan_step, forward
-    by_kind: dict[str, list[Counter]] = {}
-    for kind, sites in steps:
-        by_kind.setdefault(kind, []).append(sites)
+    by_kind: dict[str, list[StepSyncs]] = {}
+    for step in steps:
+        kind = "prefill" if step.num_tokens > args.num_prompts else \
+            "compressing decode" if step.compresses else "decode"
+        by_kind.setdefault(kind, []).append(step)
     return by_kind
 
 
@@ -86,8 +68,8 @@ def main() -> None:
     for policy in args.policies:
         for kind, steps in counted_run(policy, args).items():
             total = Counter()
-            for sites in steps:
-                total.update(sites)
+            for step in steps:
+                total.update(step.sites)
             mean = sum(total.values()) / len(steps)
             where = ", ".join(f"{site} x{count / len(steps):g}"
                               for site, count in total.most_common(4))

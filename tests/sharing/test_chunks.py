@@ -105,7 +105,8 @@ def test_store_follows_its_replacement_policy_and_hints_only_move_victims():
             key, hint = str(rng.randrange(12)), rng.choice([None, True, False])
             if store.get(key, discard=hint) is None:
                 store.put(key, chunk(rng.randrange(5, 60), seed=step), discard=hint)
-            assert store.bytes == sum(c.nbytes for c in store._chunks.values()) <= store.capacity_bytes
+            held = sum(c.nbytes for c in store._chunks.values())
+            assert store.bytes == held <= store.capacity_bytes
             assert policy.num_evictable() == len(store)
 
 

@@ -29,6 +29,12 @@ class BlendLayer:
     values: torch.Tensor
     positions: torch.Tensor
 
+    @classmethod
+    def empty(cls, heads: int, head_size: int, dtype: torch.dtype) -> BlendLayer:
+        return cls(torch.empty(heads, 0, head_size, dtype=dtype),
+                   torch.empty(heads, 0, head_size, dtype=dtype),
+                   torch.empty(heads, 0, dtype=torch.long))
+
     def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         """keys/values [H, S, D], positions [H, S]."""
         self.keys = torch.cat([self.keys, keys.to(self.keys.dtype)], dim=1)

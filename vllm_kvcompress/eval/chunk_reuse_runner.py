@@ -132,16 +132,15 @@ class ChunkReuseRunner:
         scores = []
         for start, chunk in hits:
             offsets = chunk.offsets[CHECK_LAYER]                                # [H, k]
-            values = fresh.gather(1, (start + offsets)[..., None].expand(-1, -1, fresh.shape[-1]))
-            distance = (values - chunk.values[CHECK_LAYER].float()).norm(dim=-1)
-            scores.append(torch.zeros(chunk.length).index_add_(0, offsets.flatten(), distance.flatten()))
+            rows = (start + offsets)[..., None].expand(-1, -1, fresh.shape[-1])
+            distance = (fresh.gather(1, rows) - chunk.values[CHECK_LAYER].float()).norm(dim=-1)
+            scores.append(torch.zeros(chunk.length).index_add_(0, offsets.flatten(),
+                                                               distance.flatten()))
         return scores
 
     def _empty_cache(self) -> BlendCache:
-        shape, dtype = self.shape, self.model.dtype
-        return BlendCache([BlendLayer(torch.empty(shape.num_kv_heads, 0, shape.head_size, dtype=dtype),
-                                      torch.empty(shape.num_kv_heads, 0, shape.head_size, dtype=dtype),
-                                      torch.empty(shape.num_kv_heads, 0, dtype=torch.long))
+        shape = self.shape
+        return BlendCache([BlendLayer.empty(shape.num_kv_heads, shape.head_size, self.model.dtype)
                            for _ in range(shape.num_layers)])
 
     def _loaded_cache(self, plan: ReusePlan, fix_rope: bool) -> BlendCache:

@@ -25,6 +25,8 @@ from vllm_kvcompress.sharing.chunk_store import ChunkStore, StoredChunk
 from vllm_kvcompress.sharing.chunks import chunk_key
 
 SELECTIONS = ("attention", "deviation", "random")
+# The "deviation" selection's scores: [n] per hit, from the hits' (start, chunk).
+DeviationScores = Callable[[list[tuple[int, StoredChunk]]], list[torch.Tensor]]
 
 
 @dataclass
@@ -76,8 +78,7 @@ def select_recompute(chunk: StoredChunk, ratio: float, selection: str,
 def plan_reuse(token_ids: Sequence[int], spans: Sequence[tuple[int, int]], store: ChunkStore | None,
                model: str, ratio: float, selection: str = "attention",
                generator: torch.Generator | None = None,
-               deviation: Callable[[list[tuple[int, StoredChunk]]], list[torch.Tensor]] | None = None,
-               ) -> ReusePlan:
+               deviation: DeviationScores | None = None) -> ReusePlan:
     """Look the request's chunks up in `store` (None: reuse nothing) and plan its compute.
     deviation: for the "deviation" selection, [n] scores per hit from its (start, chunk)."""
     computed = torch.ones(len(token_ids), dtype=torch.bool)

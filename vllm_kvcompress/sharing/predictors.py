@@ -78,9 +78,10 @@ class OnlinePredictor:
 
     Features: depth in the chain, distance to the chain's end, uses of the page so far,
     whether it was a hit, the chain's first page (which system prompt or chat), the uses of
-    the request's own branch (a chat's turn number) and their crossings. Labels: every `window // 2` requests, Belady replays the last `window`
-    requests on a cache of `capacity` pages and labels the older half's uses (their
-    future inside the window is known) as discard or keep.
+    the request's own branch (a chat's turn number) and their crossings. Labels: every
+    `window // 2` requests, Belady replays the last `window` requests on a cache of
+    `capacity` pages and labels the older half's uses (their future inside the window is
+    known) as discard or keep.
     """
 
     DIMS = 1 << 14

@@ -140,6 +140,12 @@ class StepPlan:
     scorers: list[ScorerRows] = field(default_factory=list)
 
 
+def _rows_of(members: list[int], query_lens: list[int]) -> torch.Tensor:
+    """[tokens'] int64 on the host: the step's token rows of requests `members`, in order."""
+    starts = [0, *itertools.accumulate(query_lens)]
+    return torch.cat([torch.arange(starts[i], starts[i + 1]) for i in members])
+
+
 def _offsets(lens: torch.Tensor) -> torch.Tensor:
     """[R + 1] where each of R consecutive runs of `lens` [R] rows starts (and the end)."""
     return torch.cat([lens.new_zeros(1), lens.cumsum(0)])
@@ -317,12 +323,10 @@ class CompressionRuntime:
         distinct = [s for s in dict.fromkeys(scorers) if s is not None]
         if len(distinct) == 1 and all(s is distinct[0] for s in scorers):
             return [ScorerRows(distinct[0], None, _offsets(lens), slots)]
-        parts = []
-        starts = _offsets(lens).tolist()
+        parts, query_lens = [], lens.tolist()
         for scorer in distinct:
             members = [i for i, s in enumerate(scorers) if s is scorer]
-            rows = [row for i in members for row in range(starts[i], starts[i + 1])]
-            parts.append(ScorerRows(scorer, torch.tensor(rows, device=slots.device),
+            parts.append(ScorerRows(scorer, _rows_of(members, query_lens).to(slots.device),
                                     _offsets(lens[members]),
                                     slots[torch.tensor(members, device=slots.device)]))
         return parts
@@ -348,23 +352,21 @@ class CompressionRuntime:
         if len(distinct) == 1:
             return [self._attention_part(None, query_start_loc_cpu, query_lens, slots,
                                          distinct[0])]
-        return [self._attention_part([r == route for r in routes], query_start_loc_cpu,
-                                     query_lens, slots, route) for route in distinct]
+        return [self._attention_part([i for i, r in enumerate(routes) if r == route],
+                                     query_start_loc_cpu, query_lens, slots, route)
+                for route in distinct]
 
-    def _attention_part(self, members: list[bool] | None, query_start_loc_cpu: torch.Tensor,
+    def _attention_part(self, members: list[int] | None, query_start_loc_cpu: torch.Tensor,
                         query_lens: list[int], slots: torch.Tensor,
                         route: TorchRoute | None) -> AttentionPart:
-        """The part made of the step's requests in `members` [R] (None: all of them)."""
+        """The part made of the step's requests `members` (indices; None: all of them)."""
         device = self.cache.device
         starts, tokens = query_start_loc_cpu, None
         if members is not None:
-            tokens = torch.tensor([row for member, start, n in zip(members, starts.tolist(),
-                                                                   query_lens) if member
-                                   for row in range(start, start + n)]).to(device)
-            query_lens = [n for member, n in zip(members, query_lens) if member]
+            tokens = _rows_of(members, query_lens).to(device)
+            query_lens = [query_lens[i] for i in members]
             starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=starts.dtype)
-            slots = slots[torch.tensor([i for i, member in enumerate(members) if member],
-                                       device=device)]
+            slots = slots[torch.tensor(members, device=device)]
         step = None
         if route is None:
             step = self.native.plan(starts, sum(query_lens), self.cache.tables.block_tables,
