@@ -8,15 +8,17 @@ the decode kernel is compared with vLLM's own paged attention (FlashAttention wi
 table) where vLLM with CUDA is installed.
 
     python benchmarks/bench_attention.py            # CPU: torch reference only
-    python benchmarks/bench_attention.py --device cuda
+    python benchmarks/bench_attention.py --device cuda --json attention.json
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 
-from timing import machine, median_ms, print_table, setup
+from timing import machine, median_ms, parse, print_table, triton_runs
 from vllm_kvcompress.cache import PagedStreamCache
 from vllm_kvcompress.policies.selection import Selection
 
@@ -59,11 +61,11 @@ def dense_attention(query, keys, values, q_len):
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
 
 
-def run(device: torch.device, impls: list[str], dtype: torch.dtype) -> None:
-    heads, group, num_requests = 8, 4, 8
+def run(device: torch.device, impls: list[str], dtype: torch.dtype, smoke: bool) -> None:
+    heads, group, num_requests = 8, 4, 2 if smoke else 8
     rows = []
-    for q_len in (1, 32):
-        for mean_len in (256, 1024, 4096):
+    for q_len in (1,) if smoke else (1, 32):
+        for mean_len in (64,) if smoke else (256, 1024, 4096):
             row = [q_len, mean_len]
             for impl in impls:
                 cache, slots, qsl = build_cache(num_requests, heads, mean_len, q_len, dtype,
@@ -123,12 +125,11 @@ def compare_with_vllm(device: torch.device) -> None:
 
 
 def main() -> None:
-    device, dtype = setup(__doc__.split("\n\n")[0])
-    print(f"{machine(device)}, dtype {dtype}, 8 requests x 8 KV heads x 4 query heads per "
-          f"group, D={HEAD_DIM}, block_size={BLOCK_SIZE}")
-    on_gpu = device.type == "cuda"
-    run(device, ["triton", "torch"] if on_gpu else ["torch"], dtype)
-    if on_gpu:
+    device, dtype, args = parse(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
+    print(f"{machine(device)}, dtype {dtype}, {2 if args.smoke else 8} requests x 8 KV heads "
+          f"x 4 query heads per group, D={HEAD_DIM}, block_size={BLOCK_SIZE}")
+    run(device, ["triton", "torch"] if triton_runs(device) else ["torch"], dtype, args.smoke)
+    if device.type == "cuda":
         compare_with_vllm(device)
     else:
         print("\nvLLM paged attention comparison: needs a CUDA device (skipped on CPU).")

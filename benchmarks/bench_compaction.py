@@ -12,9 +12,11 @@ run does the same work.
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
-from timing import machine, median_ms, print_table, setup
+from timing import machine, median_ms, parse, print_table, triton_runs
 from vllm_kvcompress.cache import PagedStreamCache
 from vllm_kvcompress.policies.selection import Selection
 
@@ -48,10 +50,10 @@ def half_selection(num_streams: int, length: int, merge: bool, device) -> Select
                      weights=torch.rand(num_streams, length, generator=gen).to(device))
 
 
-def run(device: torch.device, impl: str, dtype) -> None:
+def run(device: torch.device, impl: str, dtype, smoke: bool) -> None:
     rows = []
-    for num_requests in (1, 4, 16):
-        for length in (512, 2048, 8192):
+    for num_requests in (1,) if smoke else (1, 4, 16):
+        for length in (64,) if smoke else (512, 2048, 8192):
             cache = filled_cache(num_requests, length, dtype, device, impl)
             slots = list(range(num_requests))
             saved = [t.clone() for t in (cache.tables.block_tables, cache.tables.lengths,
@@ -74,12 +76,12 @@ def run(device: torch.device, impl: str, dtype) -> None:
 
 
 def main() -> None:
-    device, dtype = setup(__doc__.split("\n\n")[0])
+    device, dtype, args = parse(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     print(f"{machine(device)}, dtype {dtype}, H={HEADS}, D={HEAD_DIM}, "
           f"block_size={BLOCK_SIZE}, one layer")
-    for impl in (("triton", "torch") if device.type == "cuda" else ("torch",)):
+    for impl in ("triton", "torch") if triton_runs(device) else ("torch",):
         print(f"\n{impl}:")
-        run(device, impl, dtype)
+        run(device, impl, dtype, args.smoke)
 
 
 if __name__ == "__main__":

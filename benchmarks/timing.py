@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import json
 import os
 import statistics
 import time
@@ -11,16 +13,42 @@ from typing import Callable
 import torch
 
 
+# Every table printed, kept for --json.
+TABLES: list[dict] = []
+
+
 def setup(description: str) -> tuple[torch.device, torch.dtype]:
-    """Parse --device and --threads; return the device and the KV dtype used on it."""
-    parser = argparse.ArgumentParser(description=description)
+    """Parse --device, --threads and --json; return the device and the KV dtype on it."""
+    device, dtype, _ = parse(argparse.ArgumentParser(description=description))
+    return device, dtype
+
+
+def triton_runs(device: torch.device) -> bool:
+    """Whether the Triton kernels run here: on CUDA, or in Triton's interpreter."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def parse(parser: argparse.ArgumentParser
+          ) -> tuple[torch.device, torch.dtype, argparse.Namespace]:
+    """`parser`'s options plus --device, --threads, --json and --smoke: the device, the KV
+    dtype used on it, and every option's value."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest sizes only (checks that the script runs)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--json", metavar="FILE", help="also write every table to FILE")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.json:
+        atexit.register(_write_json, args.json, machine(device))
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32, args
+
+
+def _write_json(path: str, header: str) -> None:
+    with open(path, "w") as file:
+        json.dump({"machine": header, "tables": TABLES}, file, indent=1)
 
 
 def machine(device: torch.device) -> str:
@@ -49,7 +77,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int = 10,
 
 
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
-    """A Markdown table."""
+    """A Markdown table (kept for --json)."""
+    TABLES.append({"headers": headers, "rows": rows})
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---:" for _ in headers) + "|")
     for row in rows:

@@ -9,11 +9,11 @@ import torch
 from vllm import _custom_ops as ops
 
 from vllm_kvcompress.cache import PagedStreamCache
+from vllm_kvcompress.cache.pools import head_block_pools
 from vllm_kvcompress.policies.selection import Selection
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     ISA,
     NativeCPUAttention,
-    head_block_pools,
     native_attention_supported,
 )
 

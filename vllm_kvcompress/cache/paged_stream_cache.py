@@ -14,6 +14,7 @@ import torch
 
 from vllm_kvcompress.cache.append import append_tokens, pages_needed, plan_growth
 from vllm_kvcompress.cache.compaction import compact_layer
+from vllm_kvcompress.cache.device_copy import host_to_device
 from vllm_kvcompress.cache.invariants import check_invariants
 from vllm_kvcompress.cache.narrow_tier import compact_narrow, gather_streams
 from vllm_kvcompress.cache.pools import (LayerPools, create_layer_pools, fresh_head_blocks,
@@ -87,7 +88,7 @@ class PagedStreamCache:
 
     def add_pages(self, slot: int, page_ids: IntsLike) -> None:
         """Append pages to request `slot`'s page list (ids chosen by the caller)."""
-        page_ids = torch.as_tensor(page_ids, dtype=torch.int32).to(self.device)
+        page_ids = host_to_device(page_ids, torch.int32, self.device)
         count = self._page_counts[slot]
         if count + len(page_ids) > self.tables.request_pages.shape[1]:
             raise RuntimeError(f"request slot {slot}: {count + len(page_ids)} pages exceed "
@@ -333,13 +334,15 @@ class PagedStreamCache:
         return tier
 
     def _slots(self, slots: IntsLike) -> torch.Tensor:
-        return torch.as_tensor(slots, dtype=torch.int64).to(self.device)
+        if isinstance(slots, torch.Tensor) and slots.device == self.device:
+            return slots.long()
+        return host_to_device(slots, torch.int64, self.device)
 
     def _counts(self, num_new: IntsLike) -> tuple[torch.Tensor, int, int]:
         """num_new on the device, plus its sum and max on the host (they size tensors;
         reading them from a GPU tensor is a sync, so callers pass host values)."""
         counts = torch.as_tensor(num_new, dtype=torch.int64).cpu().tolist()
-        on_device = torch.tensor(counts, dtype=torch.int64).to(self.device)
+        on_device = host_to_device(counts, torch.int64, self.device)
         return on_device, sum(counts), max(counts, default=0)
 
     def _scrub(self, pages: torch.Tensor) -> None:

@@ -33,6 +33,20 @@ def fresh_head_blocks(num_layers: int, num_head_blocks: int, block_size: int, he
             for _ in range(num_layers)]
 
 
+def head_block_pools(kv_cache: torch.Tensor, block_size: int, head_size: int,
+                     keys_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) views [pages * H, block_size, D] of one layer's vLLM KV cache
+    [pages, H, block_size, 2 * D] (vLLM's LBHNC layout; the plugin owns what a cell holds:
+    block_size keys, then block_size values); keys_transposed stores each cell's keys as
+    [D, block_size], as vLLM's CPU kernel reads them."""
+    values = kv_cache.view(-1, 2, block_size, head_size)[:, 1]
+    if keys_transposed:
+        keys = kv_cache.view(-1, 2, head_size, block_size)[:, 0].transpose(1, 2)
+    else:
+        keys = kv_cache.view(-1, 2, block_size, head_size)[:, 0]
+    return keys, values
+
+
 def head_block_cells(kv_memory: torch.Tensor, num_head_blocks: int) -> torch.Tensor:
     """[num_head_blocks, cell_bytes] uint8: a layer's contiguous KV memory (any shape and
     dtype, head-block-major) as raw bytes per head-block, for the low-bit tier's rows."""

@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import torch
 
+from vllm_kvcompress.cache.device_copy import host_to_device
+
 
 class WindowWrites(NamedTuple):
     """Which of a step's tokens enter the window: token rows [K] into the step's query
@@ -46,8 +48,8 @@ class QueryWindow:
             rows.extend(recent)
             row_slots.extend([slot] * len(recent))
         device = positions.device
-        rows = torch.tensor(rows, dtype=torch.int64).to(device)
-        return WindowWrites(rows, torch.tensor(row_slots, dtype=torch.int64).to(device),
+        rows = host_to_device(rows, torch.int64, device)
+        return WindowWrites(rows, host_to_device(row_slots, torch.int64, device),
                             positions[rows] % self.window)
 
     def record_positions(self, writes: WindowWrites, positions: torch.Tensor) -> None:

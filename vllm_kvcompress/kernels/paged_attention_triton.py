@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcompress.kernels.triton_dot import dot_args
+
 # Rows (queries x group heads) per program when the batch holds prefill chunks.
 PREFILL_ROWS = 64
 # tl.dot needs at least 16 rows (and 16 columns: head-blocks of >= 16 slots).
@@ -23,12 +25,13 @@ MIN_ROWS = 16
 
 @triton.jit
 def _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block, k_s_slot, k_s_dim,
-                  scale, BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr):
+                  scale, BLOCK_SIZE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  PRECISION: tl.constexpr):
     """Logits [ROWS, BLOCK_SIZE] of the rows against head-block b, and its id."""
     head_block = tl.load(table_row + b).to(tl.int64)
     keys = tl.load(k_pool_ptr + head_block * k_s_block
                    + tl.arange(0, BLOCK_SIZE)[:, None] * k_s_slot + dims[None, :] * k_s_dim,
-                   mask=dim_ok[None, :], other=0.0)
+                   mask=dim_ok[None, :], other=0.0).to(DOT_DTYPE)
     logits = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
     return logits, head_block
 
@@ -43,7 +46,8 @@ def _paged_attention_kernel(
         table_s_req, table_s_head, len_s_req, len_s_head, score_s_block, score_s_slot,
         GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, EMIT: tl.constexpr,
-        HAS_PRIOR: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr):
+        HAS_PRIOR: tl.constexpr, STORE_LSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        PRECISION: tl.constexpr):
     request, kv_head, tile = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     req_slot = tl.load(req_slot_ptr + request).to(tl.int64)
     q_start = tl.load(qsl_ptr + request).to(tl.int64)
@@ -60,7 +64,7 @@ def _paged_attention_kernel(
     dim_ok = dims < head_dim
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * q_s_tok + q_head[:, None] * q_s_head
                 + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    q = q.to(k_pool_ptr.dtype.element_ty)
+    q = q.to(DOT_DTYPE)
     # The tile's last query bounds the keys it reads; empty tiles read none.
     tile_end = tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len)
     kv_end = tl.where(tile * BLOCK_Q < q_len, length - q_len + tile_end, 0)
@@ -80,7 +84,8 @@ def _paged_attention_kernel(
         acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for b in range(0, num_blocks):
         logits, head_block = _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok, k_s_block,
-                                           k_s_slot, k_s_dim, scale, BLOCK_SIZE, PRECISION)
+                                           k_s_slot, k_s_dim, scale, BLOCK_SIZE, DOT_DTYPE,
+                                           PRECISION)
         slots = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         allowed = row_ok[:, None] & (slots[None, :] <= row_pos[:, None])
         logits = tl.where(allowed, logits, float("-inf"))
@@ -93,7 +98,7 @@ def _paged_attention_kernel(
         values = tl.load(v_pool_ptr + head_block * v_s_block
                          + tl.arange(0, BLOCK_SIZE)[:, None] * v_s_slot + dims[None, :] * v_s_dim,
                          mask=(slots < length)[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values,
+        acc = acc * rescale[:, None] + tl.dot(probs.to(DOT_DTYPE), values.to(DOT_DTYPE),
                                               input_precision=PRECISION)
         row_max = new_max
 
@@ -111,7 +116,7 @@ def _paged_attention_kernel(
         for b in range(0, num_blocks):
             logits, head_block = _block_logits(q, k_pool_ptr, table_row, b, dims, dim_ok,
                                                k_s_block, k_s_slot, k_s_dim, scale,
-                                               BLOCK_SIZE, PRECISION)
+                                               BLOCK_SIZE, DOT_DTYPE, PRECISION)
             slots = b * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
             allowed = row_ok[:, None] & (slots[None, :] <= row_pos[:, None])
             probs = tl.where(allowed, tl.exp(logits - safe_max[:, None]) / safe_sum[:, None], 0.0)
@@ -161,5 +166,5 @@ def paged_attention_triton(query: torch.Tensor, key_pool: torch.Tensor,
         lengths.stride(0), lengths.stride(1), *score_strides,
         GROUP=group, BLOCK_Q=block_q, ROWS=rows, BLOCK_SIZE=block_size,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), EMIT=emit,
-        HAS_PRIOR=prior is not None, STORE_LSE=lse_out is not None, PRECISION="ieee" if key_pool.dtype == torch.float32 else "tf32")
+        HAS_PRIOR=prior is not None, STORE_LSE=lse_out is not None, **dot_args(key_pool.dtype))
     return output

@@ -1,9 +1,10 @@
 """The attention backend: per-head paged streams over vLLM's KV tensors.
 
-It keeps vLLM's CPU cache layout ([pages, H, block_size, 2 * head_size] per layer, K then
+It asks vLLM for the LBHNC layout ([pages, H, block_size, 2 * head_size] per layer, K then
 V inside each (page, head) cell), which is exactly a pool of head-blocks, so memory sizing
 and allocation stay vLLM's. What changes: the metadata builder plans the step with the
 worker's CompressionRuntime, and forward writes K/V, attends and compresses through it.
+The platform backends (CPU here, CUDA in gpu_backend.py) differ only in what vLLM checks.
 """
 
 from __future__ import annotations
@@ -11,24 +12,26 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from vllm.config import get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
+    AttentionCGSupport,
     AttentionImpl,
     AttentionMetadataBuilder,
     AttentionType,
     CommonAttentionMetadata,
 )
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-from vllm.config import get_layers_from_vllm_config
+from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_kvcompress.vllm_plugin import runtime_registry
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import CompressedAttentionSpec
 from vllm_kvcompress.vllm_plugin.runtime import CompressionRuntime, StepPlan
 
 
-class CompressedCPUAttentionBackend(CPUAttentionBackend):
-    """Replaces CPU_ATTN when compression is on (registered by the worker)."""
+class CompressedBackend:
+    """What every platform's compressed backend declares (mixed in before vLLM's class)."""
 
     forward_includes_kv_cache_update: ClassVar[bool] = True
 
@@ -45,13 +48,26 @@ class CompressedCPUAttentionBackend(CPUAttentionBackend):
         return attn_type == AttentionType.DECODER
 
     @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Head-major pages: block b's head h is head-block b * H + h of one flat pool.
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
     def customize_spec(cls, spec):
         # The engine core builds our manager from this spec type (kv_cache_spec.py).
         fields = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
         return CompressedAttentionSpec(**fields)
 
 
+class CompressedCPUAttentionBackend(CompressedBackend, CPUAttentionBackend):
+    """Replaces CPU_ATTN when compression is on (registered by the CPU worker)."""
+
+
 class CompressedAttentionMetadataBuilder(AttentionMetadataBuilder[StepPlan]):
+    # The step's tables change every step and attention runs eagerly: on CUDA, vLLM then
+    # captures graphs only for the pieces between attention layers (PIECEWISE).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.kv_cache_spec = kv_cache_spec

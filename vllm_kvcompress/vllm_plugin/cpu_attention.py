@@ -31,18 +31,6 @@ def native_attention_supported(dtype: torch.dtype, head_size: int, block_size: i
             and hasattr(torch.ops._C, "cpu_attention_with_kv_cache"))
 
 
-def head_block_pools(kv_cache: torch.Tensor, block_size: int, head_size: int,
-                     keys_transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) views [pages * H, block_size, D] of one layer's vLLM KV cache
-    [pages, H, block_size, 2 * D]; keys_transposed stores each cell's keys as [D, block_size]."""
-    values = kv_cache.view(-1, 2, block_size, head_size)[:, 1]
-    if keys_transposed:
-        keys = kv_cache.view(-1, 2, head_size, block_size)[:, 0].transpose(1, 2)
-    else:
-        keys = kv_cache.view(-1, 2, block_size, head_size)[:, 0]
-    return keys, values
-
-
 @dataclass
 class NativeStep:
     """The kernel's view of one step's R requests as H * R streams, KV-head-major (stream
@@ -59,7 +47,7 @@ class NativeCPUAttention:
     """Attention of one step's queries over per-head streams with vLLM's CPU kernel.
 
     kv_caches: the L per-layer vLLM KV tensors [pages, H, block_size, 2 * D], keys stored
-    as head_block_pools(..., keys_transposed=True) writes them.
+    as cache/pools.head_block_pools(..., keys_transposed=True) writes them.
     """
 
     def __init__(self, kv_caches: list[torch.Tensor], num_heads: int, num_kv_heads: int,

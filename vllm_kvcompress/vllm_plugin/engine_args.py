@@ -24,6 +24,7 @@ from vllm_kvcompress.policies.registry import KNOWN_POLICIES
 from vllm_kvcompress.vllm_plugin.engine_setup import (
     enable_compression,
     enable_prefix_cache_plugin,
+    prepare_engine_args,
 )
 from vllm_kvcompress.vllm_plugin.metrics import collect_engine_processes
 
@@ -135,6 +136,8 @@ def install() -> None:
         try:
             settings = KVCompressConfig.from_additional_config(self.additional_config)
             prefix_caching_requested = self.enable_prefix_caching  # None unless the user set it
+            if settings.enabled:
+                prepare_engine_args(self)
             vllm_config = original_create(self, *args, **kwargs)
             if settings.enabled:
                 settings.check_max_model_len(vllm_config.model_config.max_model_len)

@@ -10,7 +10,6 @@ the per-head tables and compresses the layer's streams that are due.
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -22,7 +21,9 @@ from vllm.distributed import (
 )
 from vllm.logger import init_logger
 
+from vllm_kvcompress.cache.device_copy import host_to_device
 from vllm_kvcompress.cache.paged_stream_cache import PagedStreamCache
+from vllm_kvcompress.cache.pools import head_block_pools
 from vllm_kvcompress.cache.query_window import QueryWindow, WindowWrites
 from vllm_kvcompress.cache.schedule import CompressionSchedule
 from vllm_kvcompress.config import KVCompressConfig
@@ -35,9 +36,9 @@ from vllm_kvcompress.scorers.trained_scorer import TrainedScorer
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
     NativeStep,
-    head_block_pools,
     native_attention_supported,
 )
+from vllm_kvcompress.vllm_plugin.device_clock import DeviceClock
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import max_block_entries, schedule_for
 from vllm_kvcompress.vllm_plugin.metrics import CompressionMetrics
 from vllm_kvcompress.vllm_plugin.request_settings import (
@@ -71,12 +72,13 @@ class RequestStreams:
 @dataclass
 class CompressionGroup:
     """Requests that compress after this step with the same policy and budget: their
-    slots on the host (the cache's bookkeeping reads them without a device sync) and,
-    once planned, on the device [R]."""
+    slots and token counts on the host (the cache's bookkeeping reads them without a
+    device sync) and, once planned, the slots on the device [R]."""
 
     policy: Policy
     budget: int
     slots: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
     slot_tensor: torch.Tensor | None = None
 
 
@@ -151,6 +153,53 @@ def _offsets(lens: torch.Tensor) -> torch.Tensor:
     return torch.cat([lens.new_zeros(1), lens.cumsum(0)])
 
 
+# Bytes a compression may take beside the cache: a group's gathered streams and the
+# policy's scores. Larger groups compress in several passes (reserved on GPUs, which size
+# the KV cache before the first step).
+COMPRESSION_WORKSPACE_BYTES = 512 << 20
+
+
+def stream_buffers(vllm_config, kv_caches: list[torch.Tensor], num_kv_heads: int,
+                   head_size: int, block_size: int, keys_transposed: bool
+                   ) -> tuple[PagedStreamCache, QueryWindow, torch.Tensor]:
+    """Everything the runtime allocates beside vLLM's KV tensors (on their device): the
+    stream cache's tables and side pools, the query window, and layer_densities [S, L]
+    (D2O's attention density of each layer at the end of a request's prompt, by slot)."""
+    num_layers, device, dtype = len(kv_caches), kv_caches[0].device, kv_caches[0].dtype
+    max_requests = vllm_config.scheduler_config.max_num_seqs
+    max_model_len = vllm_config.model_config.max_model_len
+    num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
+    pools = [head_block_pools(kv, block_size, head_size, keys_transposed) for kv in kv_caches]
+    # A stream never holds more than its request's tokens, plus the one head-block past
+    # ceil(len / block_size) that releases and re-appends leave.
+    cache = PagedStreamCache(
+        num_layers, num_kv_heads, head_size, kv_caches[0].shape[0], max_requests,
+        max_block_entries(max_model_len, block_size), block_size=block_size, dtype=dtype,
+        device=device, kv_memory=kv_caches, kv_pools=pools,
+        max_blocks_per_stream=-(-max_model_len // block_size) + 2)
+    window = QueryWindow(num_layers, max_requests,
+                         server_query_window(server_settings(vllm_config)), num_heads,
+                         head_size, dtype, device)
+    return cache, window, torch.zeros(max_requests, num_layers, device=device)
+
+
+def workspace_passes(group: CompressionGroup, bytes_per_token: int,
+                     limit: int) -> list[CompressionGroup]:
+    """`group` cut into runs of requests whose gathered streams, each padded to the run's
+    longest, take at most `limit` bytes (`bytes_per_token` per token of a request, all
+    its KV heads); a request that alone exceeds it still runs, alone."""
+    passes: list[CompressionGroup] = []
+    longest = 0
+    for slot, tokens in zip(group.slots, group.tokens):
+        longest = max(longest, tokens)
+        if not passes or (len(passes[-1].slots) + 1) * longest * bytes_per_token > limit:
+            passes.append(CompressionGroup(group.policy, group.budget))
+            longest = tokens
+        passes[-1].slots.append(slot)
+        passes[-1].tokens.append(tokens)
+    return passes
+
+
 class CompressionRuntime:
     def __init__(self, vllm_config, runner, kv_caches: list[torch.Tensor], num_kv_heads: int,
                  head_size: int, block_size: int):
@@ -165,36 +214,25 @@ class CompressionRuntime:
         self.first_kv_head = get_tensor_model_parallel_rank() * num_kv_heads
         self.dtype = kv_caches[0].dtype
         max_requests = vllm_config.scheduler_config.max_num_seqs
-        num_pages = kv_caches[0].shape[0]
         num_heads = vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config)
         # vLLM's CPU kernel attends unless forced off (VLLM_KVCOMPRESS_KERNELS=torch).
         self.native = None
-        if (native_attention_supported(kv_caches[0].dtype, head_size, block_size)
+        if (kv_caches[0].device.type == "cpu"
+                and native_attention_supported(kv_caches[0].dtype, head_size, block_size)
                 and requested_impl() == "auto"):
             self.native = NativeCPUAttention(kv_caches, num_heads, num_kv_heads, head_size,
                                              block_size)
-        pools = [head_block_pools(kv, block_size, head_size, self.native is not None)
-                 for kv in kv_caches]
-        # A stream never holds more than its request's tokens, plus the one head-block past
-        # ceil(len / block_size) that releases and re-appends leave.
-        self.cache = PagedStreamCache(
-            self.num_layers, num_kv_heads, head_size, num_pages, max_requests,
-            max_block_entries(self.max_model_len, block_size), block_size=block_size,
-            dtype=kv_caches[0].dtype, device=kv_caches[0].device, kv_memory=kv_caches,
-            kv_pools=pools,
-            max_blocks_per_stream=-(-self.max_model_len // block_size) + 2)
-        self.window = QueryWindow(self.num_layers, max_requests, server_query_window(self.server),
-                                  num_heads, head_size, kv_caches[0].dtype, kv_caches[0].device)
-        # [S, L] D2O's attention density of each layer at the end of a request's prompt (at
-        # its first compression in chunked prefill mode), by cache slot.
-        self.layer_densities = torch.zeros(max_requests, self.num_layers,
-                                           device=kv_caches[0].device)
+        self.cache, self.window, self.layer_densities = stream_buffers(
+            vllm_config, kv_caches, num_kv_heads, head_size, block_size,
+            keys_transposed=self.native is not None)
+        self.num_heads = num_heads
         # The attention gate's running context of each request, by cache slot.
         self.scorer_states = ScorerStates(max_requests, self.num_layers, num_kv_heads,
                                           kv_caches[0].device)
         self.requests: dict[str, RequestStreams] = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
         self.metrics = CompressionMetrics(publish=get_tensor_model_parallel_rank() == 0)
+        self.clock = DeviceClock(self.cache.device)
 
     # ----- request lifecycle -----
 
@@ -205,7 +243,7 @@ class CompressionRuntime:
             if streams is None:
                 continue
             self.cache.reset([streams.slot])
-            self.window.reset(torch.tensor([streams.slot], device=self.window.positions.device))
+            self.window.reset(host_to_device([streams.slot], torch.int64, self.cache.device))
             self.free_slots.append(streams.slot)
 
     def _admit(self, req_id: str, req_state) -> RequestStreams:
@@ -287,6 +325,7 @@ class CompressionRuntime:
                 group = groups.setdefault((id(streams.policy), budget),
                                           CompressionGroup(streams.policy, budget))
                 group.slots.append(streams.slot)
+                group.tokens.append(streams.num_tokens)
 
         # Host bookkeeping stays on the host: sizes come from Python ints, never from a
         # device tensor (each read would be a sync on a GPU).
@@ -296,8 +335,8 @@ class CompressionRuntime:
                                                output_size=num_tokens)
         offsets = torch.arange(num_tokens) - torch.repeat_interleave(
             query_start_loc_cpu[:num_reqs].long(), lens, output_size=num_tokens)
-        positions = (token_starts + offsets).to(device)
-        slot_tensor = torch.tensor(slots, dtype=torch.int64, device=device)
+        positions = host_to_device(token_starts + offsets, torch.int64, device)
+        slot_tensor = host_to_device(slots, torch.int64, device)
         slot_ids = self.cache.append(slots, query_lens)
         for slot, count in shared_pages_to_drop:
             self.cache.drop_leading_pages(slot, count)
@@ -305,16 +344,25 @@ class CompressionRuntime:
         if needs_window:
             window_writes = self.window.plan(slots, query_lens, positions)
             self.window.record_positions(window_writes, positions)
-        for group in groups.values():
-            group.slot_tensor = torch.tensor(group.slots, device=device)
+        passes = [part for group in groups.values() for part in self._workspace_passes(group)]
+        for group in passes:
+            group.slot_tensor = host_to_device(group.slots, torch.int64, device)
         return StepPlan(
             num_tokens=num_tokens, slot_ids=slot_ids, positions=positions,
             window_writes=window_writes,
             attention=self._attention_parts(routes, query_start_loc_cpu[:num_reqs + 1],
                                             query_lens, slot_tensor),
-            groups=list(groups.values()),
-            density_slots=torch.tensor(density_slots, device=device) if density_slots else None,
+            groups=passes,
+            density_slots=(host_to_device(density_slots, torch.int64, device) if density_slots
+                           else None),
             scorers=self._scorer_rows(scorers, lens, slot_tensor))
+
+    def _workspace_passes(self, group: CompressionGroup) -> list[CompressionGroup]:
+        per_token = 2 * self.head_size * self.dtype.itemsize + 16  # K, V, position, score
+        if group.policy.needs_window_queries:
+            per_token += 4 * group.policy.query_window * (self.num_heads // self.num_kv_heads)
+        return workspace_passes(group, per_token * self.num_kv_heads,
+                                COMPRESSION_WORKSPACE_BYTES)
 
     @staticmethod
     def _scorer_rows(scorers: list, lens: torch.Tensor, slots: torch.Tensor) -> list[ScorerRows]:
@@ -326,9 +374,10 @@ class CompressionRuntime:
         parts, query_lens = [], lens.tolist()
         for scorer in distinct:
             members = [i for i, s in enumerate(scorers) if s is scorer]
-            parts.append(ScorerRows(scorer, _rows_of(members, query_lens).to(slots.device),
+            parts.append(ScorerRows(scorer, host_to_device(_rows_of(members, query_lens),
+                                                           torch.int64, slots.device),
                                     _offsets(lens[members]),
-                                    slots[torch.tensor(members, device=slots.device)]))
+                                    slots[host_to_device(members, torch.int64, slots.device)]))
         return parts
 
     def _route(self, streams: RequestStreams) -> TorchRoute | None:
@@ -363,15 +412,17 @@ class CompressionRuntime:
         device = self.cache.device
         starts, tokens = query_start_loc_cpu, None
         if members is not None:
-            tokens = _rows_of(members, query_lens).to(device)
+            tokens = host_to_device(_rows_of(members, query_lens), torch.int64, device)
             query_lens = [query_lens[i] for i in members]
             starts = torch.tensor([0, *itertools.accumulate(query_lens)], dtype=starts.dtype)
-            slots = slots[torch.tensor(members, device=device)]
+            slots = slots[host_to_device(members, torch.int64, device)]
         step = None
         if route is None:
             step = self.native.plan(starts, sum(query_lens), self.cache.tables.block_tables,
                                     self.cache.tables.lengths, slots)
-        return AttentionPart(tokens=tokens, query_start_loc=starts.to(device), slots=slots,
+        return AttentionPart(tokens=tokens,
+                             query_start_loc=host_to_device(starts, torch.int32, device),
+                             slots=slots,
                              max_query_len=max(query_lens, default=0), native=step,
                              route=route)
 
@@ -398,7 +449,7 @@ class CompressionRuntime:
             self._record_densities(layer, plan.density_slots)
         if not plan.groups:
             return
-        started = time.perf_counter()
+        started = self.clock.start()
         last_layer = layer == self.num_layers - 1
         for group in plan.groups:
             if not group.policy.needs_layer_densities:
@@ -408,7 +459,7 @@ class CompressionRuntime:
                     self._compress(each_layer, group, scale)
         # Count each compressed request once, on the last layer.
         requests = sum(len(group.slots) for group in plan.groups) if last_layer else 0
-        self.metrics.add_compression(time.perf_counter() - started, requests)
+        self.clock.stop(started, lambda seconds: self.metrics.add_compression(seconds, requests))
 
     def _written_scores(self, layer: int, query: torch.Tensor, key: torch.Tensor,
                         value: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
@@ -468,6 +519,7 @@ class CompressionRuntime:
         at once when nothing runs any more) and log one summary line every LOG_INTERVAL_S.
         Bytes count both tiers of every layer; under tensor parallelism this rank's heads
         stand for the model's."""
+        self.clock.collect()
         if not self.requests:
             self.metrics.observe_idle()
             return
