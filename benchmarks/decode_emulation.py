@@ -69,10 +69,9 @@ class Model:
 
 
 def filled_cache(args, batch: int, kept: int, room: int, dtype,
-                 device) -> tuple[PagedStreamCache, int]:
+                 device) -> PagedStreamCache:
     """`batch` requests whose streams hold `kept` tokens in every layer (ragged over heads
-    around that mean when compressed), with pages for `room` more tokens each; and the
-    longest stream that can come of it."""
+    around that mean when compressed), with pages for `room` more tokens each."""
     gen = torch.Generator().manual_seed(0)
     spread = 0.5 if kept < args.context else 0.0
     lengths = (kept * (1 - spread + 2 * spread * torch.rand(batch, args.kv_heads,
@@ -91,13 +90,12 @@ def filled_cache(args, batch: int, kept: int, room: int, dtype,
         cache.layers[layer].keys.normal_()
         cache.layers[layer].values.normal_()
         cache.compact(layer, slots, Selection(keep=keep.to(device)))
-    return cache, int(longest.max()) + room
+    return cache
 
 
 def step(args, model: Model, cache: PagedStreamCache, x: torch.Tensor, due: list[int],
-         budget: int | None, longest: int, policy, scale: float) -> torch.Tensor:
-    """One decode step of every request; the `due` requests compress to `budget` (their
-    streams hold at most `longest` tokens: a bound known on the host, no sync)."""
+         budget: int | None, policy, scale: float) -> torch.Tensor:
+    """One decode step of every request; the `due` requests compress to `budget`."""
     batch = x.shape[0]
     slots = list(range(batch))
     slot_ids = cache.append(slots, [1] * batch)
@@ -113,7 +111,7 @@ def step(args, model: Model, cache: PagedStreamCache, x: torch.Tensor, due: list
         gate, up = (x @ model.gate_up).chunk(2, dim=1)
         x = x + (F.silu(gate) * up) @ model.down
         if due:
-            view = cache.gather(layer, due, max_len=longest)
+            view = cache.gather(layer, due)
             streams = StreamBatch(
                 keys=view.keys, values=view.values, lengths=view.lengths,
                 positions=view.positions, acc_scores=view.scores, num_kv_heads=args.kv_heads,
@@ -136,7 +134,7 @@ def run(args, device, dtype) -> None:
         if batch == 0:
             print(f"CR {cr}: not one request fits {args.kv_gib} GiB")
             continue
-        cache, longest = filled_cache(args, batch, kept, room, dtype, device)
+        cache = filled_cache(args, batch, kept, room, dtype, device)
         x = torch.randn(batch, args.hidden, dtype=dtype, device=device)
         budget = None if cr == 1 else kept
         turn = [0]
@@ -146,7 +144,7 @@ def run(args, device, dtype) -> None:
             due = [] if budget is None else [
                 r for r in range(batch) if r % args.interval == turn[0] % args.interval]
             turn[0] += 1
-            step(args, model, cache, x, due, budget, longest, policy, scale)
+            step(args, model, cache, x, due, budget, policy, scale)
 
         ms = median_ms(one_step, device, repeats=args.steps, warmup=1)
         with HostSyncCounter() as syncs:

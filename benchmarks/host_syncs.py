@@ -9,9 +9,11 @@ as the mean per step, with the sites that cause them.
 On CPU the torch-path policies (those reading accumulated attention, and the second
 tiers) attend with the torch reference kernels, which read sizes off tensors; on a GPU
 their Triton kernels take the sizes from the host, so their kernel rows here overstate
-a GPU step.
+a GPU step. The GPU path's own counts: every kernel through Triton, in its interpreter.
 
     python benchmarks/host_syncs.py --policies snapkv h2o mikv
+    VLLM_KVCOMPRESS_KERNELS=triton TRITON_INTERPRET=1 python benchmarks/host_syncs.py \
+        --policies h2o mikv --num-prompts 2 --output-len 20
 """
 
 from __future__ import annotations

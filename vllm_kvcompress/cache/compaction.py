@@ -40,6 +40,7 @@ class CompactionPlan:
     merge:        class merges, or None
     new_lengths:  [N] int64;  new_rows: [N, C] int32 new block-table prefix
     used_blocks:  [R] int64 local head-blocks taken after compaction
+    longest:      the longest new length, on the host
     """
 
     src: torch.Tensor
@@ -53,13 +54,14 @@ class CompactionPlan:
     new_lengths: torch.Tensor
     new_rows: torch.Tensor
     used_blocks: torch.Tensor
+    longest: int
 
 
 def compact_layer(pools: LayerPools, tables: StreamTables, layer: int, slots: torch.Tensor,
                   selection: Selection, impl: str | None = None,
-                  low: TierLayer | None = None) -> None:
+                  low: TierLayer | None = None) -> int:
     """Apply `selection` (over the padded [R * H, T] layout of `gather`) to requests `slots`,
-    whose low-bit tiers (if they have one) are `low`."""
+    whose low-bit tiers (if they have one) are `low`. Returns the longest stream after."""
     plan = plan_compaction(tables, layer, slots, selection, pools.keys.shape[1])
     survivors = gather_merge_slots(*pools, plan.src, plan.merge, impl)
     survivors = rewrite_survivors(survivors, pools, selection, plan)
@@ -73,6 +75,7 @@ def compact_layer(pools: LayerPools, tables: StreamTables, layer: int, slots: to
     if moves is not None:
         write_tier(low, layer, slots, moves)
     _commit_tables(tables, layer, slots, plan)
+    return plan.longest
 
 
 def plan_compaction(tables: StreamTables, layer: int, slots: torch.Tensor,
@@ -93,8 +96,11 @@ def plan_compaction(tables: StreamTables, layer: int, slots: torch.Tensor,
     dst_all = (tables.physical_blocks(stream_slot[:, None], dst_local) * block_size
                + rank % block_size)
 
-    # Sizing the move list needs the survivor count on the host (one sync per compaction).
-    kept_flat = keep.flatten().nonzero().squeeze(1)
+    # One read from the device per compaction: the survivor count sizes the move list and
+    # the longest new stream bounds the next gather (two numbers packed in one integer).
+    packed = int(new_lengths.sum() * (max_len + 1) + new_lengths.max()) if num_streams else 0
+    num_survivors, longest = divmod(packed, max_len + 1)
+    kept_flat = keep.flatten().nonzero_static(size=num_survivors).squeeze(1)
     survivor_of = (keep.flatten().cumsum(0) - 1).view(keep.shape)
     columns = torch.arange(min(-(-max_len // block_size), tables.max_blocks_per_stream),
                            device=slots.device)
@@ -103,7 +109,8 @@ def plan_compaction(tables: StreamTables, layer: int, slots: torch.Tensor,
         src=src_all.flatten()[kept_flat], dst=dst_all.flatten()[kept_flat],
         kept_flat=kept_flat, survivor_of=survivor_of, src_all=src_all, live=live, keep=keep,
         merge=_class_merges(selection, keep, live, src_all, survivor_of),
-        new_lengths=new_lengths, new_rows=new_rows.int(), used_blocks=new_blocks.sum(dim=1))
+        new_lengths=new_lengths, new_rows=new_rows.int(), used_blocks=new_blocks.sum(dim=1),
+        longest=longest)
 
 
 def _class_merges(selection: Selection, keep: torch.Tensor, live: torch.Tensor,

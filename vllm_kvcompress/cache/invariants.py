@@ -7,6 +7,7 @@
    requests when all but one of them hold it among their shared leading pages.
 2. A stream's live slots are its first `length` slots, in original token order (strictly
    increasing positions); so are its second tier's rows, and no position is in both tiers.
+   No full-tier length exceeds the host's bound for its request and layer.
 4. A request's head-blocks of both tiers fit in its pages (used <= pages * H in every layer).
 5. Free pages hold finite keys and values: second-tier rows, which read as floats may be
    NaN, are zeroed before their pages leave the request.
@@ -38,6 +39,7 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
         low_tables = cache.tier_tables.block_tables[layer].cpu().tolist()
         low_lengths = cache.tier_tables.lengths[layer].cpu().tolist()
         used = tables.used_blocks[layer].cpu().tolist()
+        bounds = cache.length_bounds[layer].tolist()
         owner: dict[int, tuple[int, int]] = {}
         for slot in range(cache.max_requests):
             local_of = {page: i for i, page in enumerate(pages[slot][:counts[slot]])}
@@ -47,6 +49,8 @@ def check_invariants(cache: PagedStreamCache, free_pages: torch.Tensor | None = 
             low = None if tier is None else cache._tier_layer(layer, tier)
             assert low is not None or not any(low_lengths[slot]), \
                 f"layer {layer} slot {slot}: second-tier rows without a tier"
+            assert max(lengths[slot]) <= bounds[slot], \
+                f"layer {layer} slot {slot}: a stream of {max(lengths[slot])} > bound {bounds[slot]}"
             taken = []
             for head in range(heads):
                 where = (layer, slot, head)

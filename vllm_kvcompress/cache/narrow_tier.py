@@ -27,15 +27,18 @@ from vllm_kvcompress.policies.stream_batch import StreamBatch
 
 
 def gather_streams(pools: LayerPools, tier: TierLayer, tables: StreamTables, layer: int,
-                   slots: torch.Tensor) -> tuple[StreamBatch, torch.Tensor]:
+                   slots: torch.Tensor, width: int | None = None
+                   ) -> tuple[StreamBatch, torch.Tensor]:
     """The streams of requests `slots` as policies see them: narrow rows, then the full
-    tier, padded (a StreamBatch with only the stream fields set: H, layer and scale are
-    placeholders), and each stream's narrow row count [N]."""
+    tier, padded to `width` (default: the longest, read from the device; a StreamBatch
+    with only the stream fields set: H, layer and scale are placeholders), and each
+    stream's narrow row count [N]."""
     narrow = view_tier(tier, layer, slots)
     num_streams = len(narrow.lengths)
     full_lengths = tables.lengths[layer, slots].reshape(-1).long()
     lengths = narrow.lengths + full_lengths
-    width = int(lengths.max()) if num_streams else 0                           # host sync
+    if width is None:
+        width = int(lengths.max()) if num_streams else 0                       # host sync
     block_size = pools.keys.shape[1]
     table = tables.block_tables[layer, slots].reshape(num_streams, -1)
     column = torch.arange(width, device=slots.device)[None, :]
@@ -84,9 +87,12 @@ def settle_narrowing(selection: Selection, stored_scales: torch.Tensor,
 
 def compact_narrow(pools: LayerPools, tier: TierLayer, tables: StreamTables, layer: int,
                    slots: torch.Tensor, selection: Selection, impl: str | None = None) -> None:
-    """Apply `selection` (over gather_streams' layout) to requests `slots` with a narrow
-    tier: survivors in token order, the narrow ones first, each written to its tier."""
-    batch, narrow_lengths = gather_streams(pools, tier, tables, layer, slots)
+    """Apply `selection` (over gather_streams' layout, or the full tier's padded to the
+    host's bound when the requests narrow for the first time) to requests `slots` with a
+    narrow tier: survivors in token order, the narrow ones first, each written to its
+    tier."""
+    batch, narrow_lengths = gather_streams(pools, tier, tables, layer, slots,
+                                           width=selection.keep.shape[1])
     stored = tier.tables.key_scales[layer, slots].reshape(len(narrow_lengths), -1)
     selection, key_scales = settle_narrowing(selection, stored, narrow_lengths)
     narrow = selection.narrow

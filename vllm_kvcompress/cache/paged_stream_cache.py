@@ -81,6 +81,9 @@ class PagedStreamCache:
         self.slot_tiers: list[SecondTier | None] = [None] * max_requests
         # Host copy of the page counts: the caller's own bookkeeping, read without syncs.
         self._page_counts = [0] * max_requests
+        # [L, S] host upper bound of each request's longest full-tier stream per layer:
+        # what gather pads to without reading the lengths off the device.
+        self.length_bounds = torch.zeros(num_layers, max_requests, dtype=torch.int64)
         # Leading pages each request reads but another request wrote (share_prefix).
         self.shared_pages = [0] * max_requests
 
@@ -131,6 +134,7 @@ class PagedStreamCache:
         blocks = pages[None, :] * heads + torch.arange(heads, device=self.device)[:, None]
         self.tables.block_tables[:, slot, :, :num_pages] = blocks.int()
         self.tables.lengths[:, slot] = num_tokens
+        self.length_bounds[:, slot] = num_tokens
         self.tables.used_blocks[:, slot] = num_pages * heads
         self.shared_pages[slot] = num_pages
 
@@ -176,6 +180,7 @@ class PagedStreamCache:
         self.tables.used_blocks[:, device_slots] = 0
         self.tables.page_counts[device_slots] = 0
         self.tier_tables.reset(device_slots)
+        self.length_bounds[:, slot_list] = 0
         for slot in slot_list:
             self._page_counts[slot] = 0
             self.shared_pages[slot] = 0
@@ -191,9 +196,12 @@ class PagedStreamCache:
         offset) of the new tokens, request-major. Raises, changing nothing, when a request
         lacks pages (see pages_needed).
         """
-        num_new, num_tokens, max_new = self._counts(num_new)
-        return append_tokens(self.tables, self._slots(slots), num_new, num_tokens, max_new,
-                             self.block_size)
+        on_device, counts = self._counts(num_new)
+        slot_ids = append_tokens(self.tables, self._slots(slots), on_device, sum(counts),
+                                 max(counts, default=0), self.block_size)
+        self.length_bounds[:, [int(s) for s in slots]] += torch.tensor(counts,
+                                                                      dtype=torch.int64)
+        return slot_ids
 
     def write(self, layer: int, slot_ids: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor, positions: torch.Tensor,
@@ -209,10 +217,12 @@ class PagedStreamCache:
 
     def gather(self, layer: int, slots: IntsLike, max_len: int | None = None) -> StreamView:
         """One layer's streams of requests `slots` as their policy sees them, padded to
-        max_len (default: the longest stream, read from the device: a sync on a GPU): the
-        full tier, after the narrow-key tier's rows when the requests have one (its
-        streams are never padded past the longest)."""
-        tier = self._tier_of([int(s) for s in slots], None, record=False)
+        max_len (default: the host's bound of the longest stream, `length_bounds`, which
+        may pad a little more than needed but reads nothing from the device): the full
+        tier, after the narrow-key tier's rows when the requests have one (its streams are
+        never padded past the longest)."""
+        host_slots = [int(s) for s in slots]
+        tier = self._tier_of(host_slots, None, record=False)
         slots = self._slots(slots)
         if isinstance(tier, NarrowKeyTier):
             batch, _ = gather_streams(self.layers[layer], self._tier_layer(layer, tier),
@@ -221,7 +231,7 @@ class PagedStreamCache:
                               batch.lengths)
         lengths = self.tables.lengths[layer, slots].reshape(-1).long()
         if max_len is None:
-            max_len = int(lengths.max()) if len(lengths) else 0
+            max_len = max(self.length_bounds[layer, host_slots].tolist(), default=0)
         tables = self.tables.block_tables[layer, slots].reshape(len(lengths), -1)
         flat, live = stream_slot_ids(tables, lengths, self.block_size, max_len)
         pools = self.layers[layer]
@@ -240,14 +250,18 @@ class PagedStreamCache:
         or narrowed slots join the second tier, and the request's live head-blocks of both
         tiers are repacked into its first pages. T must cover every live slot (slots past
         T count as evicted)."""
-        tier = self._tier_of([int(s) for s in slots], selection.second_tier)
+        host_slots = [int(s) for s in slots]
+        tier = self._tier_of(host_slots, selection.second_tier)
         pools, slots = self.layers[layer], self._slots(slots)
         if isinstance(tier, NarrowKeyTier):
             compact_narrow(pools, self._tier_layer(layer, tier), self.tables, layer, slots,
                            selection, self.impl)
+            # Survivors of T columns: at most T in the full tier.
+            self.length_bounds[layer, host_slots] = selection.keep.shape[1]
             return
         low = None if tier is None else self._tier_layer(layer, tier)
-        compact_layer(pools, self.tables, layer, slots, selection, self.impl, low)
+        self.length_bounds[layer, host_slots] = compact_layer(
+            pools, self.tables, layer, slots, selection, self.impl, low)
 
     def attention(self, layer: int, query: torch.Tensor, query_start_loc: torch.Tensor,
                   slots: IntsLike, scale: float, emit_scores: bool = False,
@@ -270,7 +284,7 @@ class PagedStreamCache:
         rows = (tier.rows, tier.format, self.tier_tables.block_tables[layer],
                 self.tier_tables.lengths[layer], self.tier_tables.key_scales[layer], slots,
                 query_start_loc, scale)
-        prior = tier_attention(query, *rows, self.impl)
+        prior = tier_attention(query, *rows, self.impl, max_query_len)
         # A narrow tier's rows accumulate attention like full slots (a low-bit row's score
         # is its rank, fixed when it was demoted).
         emit_rows = emit_scores and isinstance(second_tier, NarrowKeyTier)
@@ -338,12 +352,11 @@ class PagedStreamCache:
             return slots.long()
         return host_to_device(slots, torch.int64, self.device)
 
-    def _counts(self, num_new: IntsLike) -> tuple[torch.Tensor, int, int]:
-        """num_new on the device, plus its sum and max on the host (they size tensors;
-        reading them from a GPU tensor is a sync, so callers pass host values)."""
+    def _counts(self, num_new: IntsLike) -> tuple[torch.Tensor, list[int]]:
+        """num_new on the device and on the host (host values size tensors; reading them
+        from a GPU tensor is a sync, so callers pass host values)."""
         counts = torch.as_tensor(num_new, dtype=torch.int64).cpu().tolist()
-        on_device = host_to_device(counts, torch.int64, self.device)
-        return on_device, sum(counts), max(counts, default=0)
+        return host_to_device(counts, torch.int64, self.device), counts
 
     def _scrub(self, pages: torch.Tensor) -> None:
         """Zero the KV memory of pages [P] leaving a request that kept second-tier rows:

@@ -101,8 +101,9 @@ def _low_bit_attention_kernel(
 def low_bit_attention_triton(query: torch.Tensor, row_pool: torch.Tensor, fmt: LowBitFormat,
                              block_tables: torch.Tensor, lengths: torch.Tensor,
                              key_scales: torch.Tensor, request_slots: torch.Tensor,
-                             query_start_loc: torch.Tensor,
-                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                             query_start_loc: torch.Tensor, scale: float,
+                             max_query_len: int | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `tier_attention`, for LowBitFormat rows."""
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = block_tables.shape[1]
@@ -111,8 +112,9 @@ def low_bit_attention_triton(query: torch.Tensor, row_pool: torch.Tensor, fmt: L
     lse = torch.full((num_tokens, num_q_heads), float("-inf"), device=query.device)
     if num_tokens == 0 or len(request_slots) == 0:
         return out, lse
-    # Sizing the grid needs the longest chunk on the host (a sync when on a GPU).
-    max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    if max_query_len is None:
+        # Sizing the grid needs the longest chunk on the host (a sync when on a GPU).
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     block_q = 1 if max_query_len == 1 else max(1, PREFILL_ROWS // group)
     rows = max(MIN_ROWS, triton.next_power_of_2(block_q * group))
     query = query if query.stride(2) == 1 else query.contiguous()

@@ -25,8 +25,8 @@ DECODE_ROWS = 1 << 16
 def tier_attention(query: torch.Tensor, row_pool: torch.Tensor,
                    fmt: LowBitFormat | NarrowKeyFormat, block_tables: torch.Tensor,
                    lengths: torch.Tensor, key_scales: torch.Tensor, request_slots: torch.Tensor,
-                   query_start_loc: torch.Tensor, scale: float,
-                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   query_start_loc: torch.Tensor, scale: float, impl: str | None = None,
+                   max_query_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [tokens, Hq, D] float32, lse [tokens, Hq] float32); lse is -inf (and out 0) for
     queries whose stream has no second-tier rows.
 
@@ -36,13 +36,14 @@ def tier_attention(query: torch.Tensor, row_pool: torch.Tensor,
     lengths:         [S, H] int32 rows per stream
     key_scales:      [S, H, D] float32 how each stream stores its keys (second_tier.py)
     request_slots:   [R] int64; query_start_loc: [R + 1] int32
+    max_query_len:   the longest query chunk, from the host (None: read from the device)
     """
     args = (query, row_pool, fmt, block_tables, lengths, key_scales, request_slots,
             query_start_loc, scale)
     if isinstance(fmt, LowBitFormat) and use_triton(query, impl):
         from vllm_kvcompress.kernels.low_bit_attention_triton import low_bit_attention_triton
 
-        return low_bit_attention_triton(*args)
+        return low_bit_attention_triton(*args, max_query_len=max_query_len)
     return tier_attention_reference(*args)
 
 
