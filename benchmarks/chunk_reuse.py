@@ -5,7 +5,8 @@ Workload (eval/rag_workload.py): a pool of passages cut from the GPL-3 text, eac
 inserted fact, drawn with Zipf popularity, 4-6 per prompt in random order, then a question
 about one fact of the prompt; greedy, 16 tokens. Recompute selections: Cache-Craft's
 (attention that went outside the chunk when stored), CacheBlend's (value deviation at
-layer 1) and random. Every setting replays the same requests
+layer 1) and random; chunks stored at 25% of their tokens, kept by the attention they
+received inside the chunk or by their surprisal (-log p when computed). Every setting replays the same requests
 in the same order with its own chunk store (a chunk is saved the first time a request
 computes it in full). Reported per setting: accuracy (the asked value in the answer),
 agreement with full recompute (the share of the first 16 tokens before the first
@@ -46,8 +47,12 @@ SETTINGS = [FULL_RECOMPUTE] + [
 ] + [
     ReuseSetting("reuse without the RoPE fix, 15% by attention", fix_rope=False),
 ] + [
-    ReuseSetting(f"stored at 25%, recompute {round(r * 100)}% by attention", recompute=r,
-                 chunk_budget=0.25)
+    ReuseSetting(f"stored at 25% by attention received, recompute {round(r * 100)}%",
+                 recompute=r, chunk_budget=0.25)
+    for r in (0.0, 0.15, 0.30)
+] + [
+    ReuseSetting(f"stored at 25% by surprisal, recompute {round(r * 100)}%", recompute=r,
+                 chunk_budget=0.25, chunk_score="surprisal")
     for r in (0.0, 0.15, 0.30)
 ]
 

@@ -9,7 +9,7 @@ import torch
 from vllm_kvcompress.eval.chunk_reuse_runner import FULL_RECOMPUTE, ChunkReuseRunner, ReuseSetting
 from vllm_kvcompress.scorers.rope import rotate
 from vllm_kvcompress.sharing.chunk_store import ChunkStore
-from vllm_kvcompress.sharing.chunks import rag_prompt, validate_chunks
+from vllm_kvcompress.sharing.chunks import chunk_key, rag_prompt, validate_chunks
 
 PASSAGES = [
     "The castle stands on a hill. One of the special magic numbers for quiet-lantern is: 4821937.",
@@ -95,3 +95,20 @@ def test_reuse_loads_chunks_and_the_rotation_matters(runner):
             assert "7712093" in outcome.text
     assert divergence["fixed"] * 5 < divergence["unfixed"]
     assert divergence["deviation"] * 5 < divergence["unfixed"]
+
+
+def test_saved_chunks_carry_the_models_surprisal(runner, model_dir):
+    """A chunk computed in full is stored with -log p of each of its tokens given the prompt
+    before it: what a stock forward's logits say."""
+    from transformers import AutoModelForCausalLM
+
+    (first, first_spans), _ = prompts(runner)
+    store = ChunkStore(1 << 30)
+    runner.answer(first, first_spans, ReuseSetting("r"), store, 1)
+    stock = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        logits = stock(torch.tensor([first])).logits[0].float()
+    nll = -logits.log_softmax(-1)[:-1].gather(1, torch.tensor(first[1:])[:, None])[:, 0]
+    for start, end in first_spans:
+        stored = store.get(chunk_key(first[start:end], runner.model_name))
+        torch.testing.assert_close(stored.surprisal, nll[start - 1:end - 1], rtol=1e-3, atol=1e-3)

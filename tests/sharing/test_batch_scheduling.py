@@ -7,6 +7,7 @@ from vllm_kvcompress.sharing.batch_scheduling import (
     GroupMembers,
     admissible,
     valid_group,
+    valid_group_size,
 )
 
 
@@ -52,7 +53,39 @@ def test_group_members_share_what_a_remaining_member_reads():
     assert sorted(groups.remove("r4")) == ["d1", "q1", "s"] and not groups.groups
 
 
+def test_a_group_of_known_size_keeps_its_common_pages_for_members_still_to_come():
+    groups = GroupMembers()
+    assert groups.add("g", "r1", ["s", "d", "q1"], size=3) == []
+    assert groups.pages_still_needed("r1") == ["s", "d", "q1"]   # the only member so far
+    assert groups.remove("r1") == []                              # all kept for r2, r3
+    assert groups.groups == ["g"]                                 # awaiting r2 and r3
+    # r2 shares s and d: q1 is no longer common to every member, so it goes now.
+    assert groups.add("g", "r2", ["s", "d", "q2"]) == ["q1"]
+    assert groups.pages_still_needed("r2") == ["s", "d"]
+    assert sorted(groups.remove("r2")) == ["q2"]
+    # The last member arrives: nothing is awaited any more, and it still reads s and d.
+    assert groups.add("g", "r3", ["s", "d", "q3"]) == []
+    assert groups.pages_still_needed("r3") == []
+    assert sorted(groups.remove("r3")) == ["d", "q3", "s"]
+    assert not groups.groups and not groups.sizes and not groups.arrived and not groups.common
+
+
+def test_a_group_without_a_size_keeps_nothing_past_its_last_member():
+    groups = GroupMembers()
+    groups.add("g", "r1", ["s", "q1"])
+    assert groups.pages_still_needed("r1") == []
+    assert sorted(groups.remove("r1")) == ["q1", "s"]
+    # A size given later counts the members already received.
+    groups.add("h", "r2", ["s", "q2"])
+    groups.add("h", "r3", ["s", "q3"], size=2)
+    assert groups.pages_still_needed("r2") == ["s"]
+    groups.remove("r2")
+    assert groups.pages_still_needed("r3") == []
+
+
 def test_group_values():
     assert valid_group("doc-7") and valid_group(7)
     assert not valid_group("") and not valid_group(True) and not valid_group([1])
     assert not valid_group("x" * 257) and not valid_group(1.5)
+    assert valid_group_size(1) and valid_group_size(40)
+    assert not valid_group_size(0) and not valid_group_size(True) and not valid_group_size("3")

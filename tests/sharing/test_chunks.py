@@ -71,7 +71,8 @@ def chunk(n: int, layers: int = 2, heads: int = 2, dim: int = 4, seed: int = 0) 
                        values=torch.randn(layers, heads, n, dim, generator=g),
                        offsets=torch.arange(n).expand(layers, heads, n).contiguous(),
                        outside=torch.rand(n, generator=g),
-                       received=torch.rand(layers, heads, n, generator=g))
+                       received=torch.rand(layers, heads, n, generator=g),
+                       surprisal=torch.rand(n, generator=g) * 10)
 
 
 def test_store_never_exceeds_its_bound_and_evicts_least_recent():
@@ -125,6 +126,19 @@ def test_compressed_chunk_keeps_most_received_tokens_per_head():
     assert set(again.offsets.flatten().tolist()) <= set(kept.offsets.flatten().tolist())
     with pytest.raises(ValueError, match="kv_chunk_budget"):
         full.compressed(0)
+    with pytest.raises(ValueError, match="kv_chunk_score.*attention, surprisal"):
+        full.compressed(0.5, score="length")
+
+
+def test_compressed_by_surprisal_keeps_the_same_unexpected_tokens_in_every_head():
+    full = chunk(20)
+    kept = full.compressed(0.25, score="surprisal")
+    best = {0} | set((full.surprisal[1:].topk(4).indices + 1).tolist())
+    for layer in range(2):
+        for head in range(2):
+            assert set(kept.offsets[layer, head].tolist()) == best
+            torch.testing.assert_close(kept.values[layer, head],
+                                       full.values[layer, head, kept.offsets[layer, head]])
 
 
 def test_recompute_selection_and_plan():

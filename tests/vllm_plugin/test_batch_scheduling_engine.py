@@ -97,6 +97,29 @@ def test_group_prefix_is_held_until_its_last_member_ends(model_dir, tokenizer):
     assert runs["vllm"].cached_tokens["r7"] < 8 * PAGE      # what holding is for
 
 
+def test_a_group_size_keeps_the_prefix_for_members_sent_one_at_a_time(model_dir, tokenizer):
+    """A client sends a member, waits for its answer, sends the next: without kv_group_size
+    the engine holds nothing (no other member has arrived) and LRU loses the prefix."""
+    others = [prompt_of_length(tokenizer, 9 * PAGE, seed=720 + i) for i in range(6)]
+    with started_llm(model_dir, num_gpu_blocks_override=33, max_num_seqs=2,
+                     additional_config={"kv_scheduling": "batch"}, **ENGINE) as llm:
+        sched, hits = scheduler(llm), {}
+        for size in (2, None):
+            shared = prompt_of_length(tokenizer, 8 * PAGE, seed=700 + (size or 0))
+            first, second = (shared + prompt_of_length(tokenizer, 20, seed=710 + m)
+                             for m in range(2))
+            extra = {"kv_group": f"g{size}"} | ({"kv_group_size": size} if size else {})
+            member = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True,
+                                    extra_args=extra)
+            run(llm, [first], member)
+            run(llm, others, greedy(8))             # 6 x 10 pages through a 32-page cache
+            assert sched.num_held_pages == (8 if size else 0)
+            hits[size] = run(llm, [second], member).cached_tokens["r0"]
+            assert sched.num_held_pages == 0 and not sched.members.groups
+            assert all_pages_free(llm)
+    assert hits[2] == 8 * PAGE and hits[None] < 8 * PAGE
+
+
 def test_aborts_in_the_middle_of_a_group_return_every_page(model_dir, tokenizer):
     shared = prompt_of_length(tokenizer, 12 * PAGE, seed=500)
     prompts = [shared + prompt_of_length(tokenizer, 24, seed=510 + m) for m in range(6)]

@@ -39,7 +39,7 @@ class ReuseSetting:
     fraction of each loaded chunk computed anew; selection: "attention", "deviation" or
     "random";
     fix_rope False loads keys unrotated (must fail); chunk_budget: fraction of a chunk's
-    tokens stored."""
+    tokens stored, kept by chunk_score (sharing.chunk_store.CHUNK_SCORES)."""
 
     label: str
     reuse: bool = True
@@ -47,6 +47,7 @@ class ReuseSetting:
     selection: str = "attention"
     fix_rope: bool = True
     chunk_budget: float = 1.0
+    chunk_score: str = "attention"
 
 
 FULL_RECOMPUTE = ReuseSetting("full recompute", reuse=False)
@@ -94,15 +95,21 @@ class ChunkReuseRunner:
                           setting.selection, generator,
                           deviation=lambda hits: self._value_deviation(token_ids, hits))
         cache = self._loaded_cache(plan, setting.fix_rope)
-        if store is not None and plan.missed:
+        ids = torch.tensor(token_ids)
+        rows = torch.tensor([plan.computed.numel() - 1])
+        saving = store is not None and plan.missed
+        if saving:
             cache.stats = ChunkStats([(start, end) for _, start, end in plan.missed],
                                      self.shape.num_layers)
-        ids = torch.tensor(token_ids)
+            predictors = _predictor_rows(plan)
+            rows = torch.cat([predictors, rows])
         began = time.perf_counter()
-        logits = self._forward(cache, ids[plan.computed], plan.computed)
+        all_logits = self._forward(cache, ids[plan.computed], plan.computed, rows)
         prefill_s = time.perf_counter() - began
-        if cache.stats is not None:
-            self._save(store, plan, cache, setting.chunk_budget)
+        logits = all_logits[-1]
+        if saving:
+            surprisal = _surprisal(ids, plan, predictors, all_logits[:-1])
+            self._save(store, plan, cache, surprisal, setting.chunk_budget, setting.chunk_score)
             cache.stats = None
         answer: list[int] = []
         first_logits = logits
@@ -112,7 +119,7 @@ class ChunkReuseRunner:
             answer.append(token)
             if token in self.eos_ids or len(answer) == max_new_tokens:
                 break
-            logits = self._forward(cache, torch.tensor([token]), torch.tensor([position]))
+            logits = self._forward(cache, torch.tensor([token]), torch.tensor([position]))[-1]
             position += 1
         return ReuseOutcome(answer, self.tokenizer.decode(answer, skip_special_tokens=True),
                             computed_positions=plan.computed, reused=plan.reused_tokens,
@@ -150,14 +157,17 @@ class ChunkReuseRunner:
                 layer.append(*placed(loaded, index, self.shape.rope_theta, fix_rope))
         return cache
 
-    def _forward(self, cache: BlendCache, token_ids: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache: BlendCache, token_ids: torch.Tensor, positions: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [r, V] float32 of the given `rows` of the input (default: the last)."""
         with torch.inference_mode():
             output = self.model(input_ids=token_ids[None], position_ids=positions[None],
-                                kv_blend=cache, use_cache=False, logits_to_keep=1)
-        return output.logits[0, -1].float()
+                                kv_blend=cache, use_cache=False,
+                                logits_to_keep=1 if rows is None else rows)
+        return output.logits[0].float()
 
-    def _save(self, store: ChunkStore, plan: ReusePlan, cache: BlendCache, budget: float) -> None:
+    def _save(self, store: ChunkStore, plan: ReusePlan, cache: BlendCache,
+              surprisal: list[torch.Tensor], budget: float, score: str) -> None:
         """Store each chunk computed in full: its fresh KV rotated back to 0, its stats."""
         stats = cache.stats
         for index, (key, start, end) in enumerate(plan.missed):
@@ -175,5 +185,30 @@ class ChunkReuseRunner:
             chunk = StoredChunk(keys=torch.stack(keys), values=torch.stack(values),
                                 offsets=offsets.contiguous(),
                                 outside=stats.outside[index] / self.shape.num_layers,
-                                received=stats.received[index])
-            store.put(key, chunk.compressed(budget))
+                                received=stats.received[index], surprisal=surprisal[index])
+            store.put(key, chunk.compressed(budget, score))
+
+
+def _predictor_rows(plan: ReusePlan) -> torch.Tensor:
+    """Rows [r] int64 of the computed tokens whose logits predict a token of a missed chunk
+    (the token before each: positions start - 1 .. end - 2 that were computed)."""
+    row_of = torch.full((int(plan.computed[-1]) + 1,), -1)
+    row_of[plan.computed] = torch.arange(plan.computed.numel())
+    wanted = torch.cat([torch.arange(max(start - 1, 0), end - 1) for _, start, end in plan.missed])
+    rows = row_of[wanted]
+    return rows[rows >= 0].unique()
+
+
+def _surprisal(ids: torch.Tensor, plan: ReusePlan, rows: torch.Tensor,
+               logits: torch.Tensor) -> list[torch.Tensor]:
+    """Per missed chunk [n] float32: -log p of each token from the logits [r, V] of the
+    predictor `rows`; inf for a token whose predecessor was not computed (the first)."""
+    predicted = plan.computed[rows] + 1                                       # positions [r]
+    nll = -torch.log_softmax(logits, dim=-1).gather(1, ids[predicted][:, None])[:, 0]
+    chunks = []
+    for _, start, end in plan.missed:
+        surprisal = torch.full((end - start,), float("inf"))
+        inside = (predicted >= start) & (predicted < end)
+        surprisal[predicted[inside] - start] = nll[inside]
+        chunks.append(surprisal)
+    return chunks

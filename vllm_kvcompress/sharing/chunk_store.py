@@ -4,9 +4,11 @@ choice of tokens to recompute needs; which chunk leaves is its replacement polic
 
 A chunk is saved the first time a request computes it in full, with its keys rotated back
 to chunk positions 0..n-1, so loading it anywhere is one rotation (sharing/chunk_reuse.py).
-It may be stored compressed: a query-agnostic score (the attention a token received from
-the chunk's own tokens when it was computed) keeps a fraction of its tokens per layer and
-KV head.
+It may be stored compressed, keeping a fraction of its tokens by a score that knows no
+later question: "attention" (the attention a token received from the chunk's own tokens,
+per layer and KV head) or "surprisal" (how unexpected the token was to the model where it
+was computed, -log p; the same tokens in every head: rare names and numbers, the facts a
+question will ask for, are what the model could not predict).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch
 
 from vllm_kvcompress.sharing.replacement import LRU, ReplacementPolicy
 
+CHUNK_SCORES = ("attention", "surprisal")
+
 
 @dataclass
 class StoredChunk:
@@ -27,7 +31,8 @@ class StoredChunk:
     int64 (the stored tokens' indices in the chunk, ascending); outside [n] float32: the
     share of each token's attention that went to text before the chunk (mean over layers
     and query heads, sink tokens excluded); received [L, H, n] float32: attention each
-    token received from the chunk's own tokens.
+    token received from the chunk's own tokens; surprisal [n] float32: -log p of each token
+    given the text before it when the chunk was computed (inf where unknown).
     """
 
     keys: torch.Tensor
@@ -35,6 +40,7 @@ class StoredChunk:
     offsets: torch.Tensor
     outside: torch.Tensor
     received: torch.Tensor
+    surprisal: torch.Tensor
 
     @property
     def length(self) -> int:
@@ -47,25 +53,31 @@ class StoredChunk:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
-                   (self.keys, self.values, self.offsets, self.outside, self.received))
+                   (self.keys, self.values, self.offsets, self.outside, self.received,
+                    self.surprisal))
 
-    def compressed(self, fraction: float) -> StoredChunk:
-        """The chunk with ceil(fraction * n) tokens per layer and KV head, those that
-        received the most attention inside it (the first token always kept: a chunk-local
-        sink)."""
+    def compressed(self, fraction: float, score: str = "attention") -> StoredChunk:
+        """The chunk with ceil(fraction * n) tokens per layer and KV head, those with the
+        highest `score` (CHUNK_SCORES; the first token always kept: a chunk-local sink)."""
         if not 0 < fraction <= 1:
             raise ValueError(f"kv_chunk_budget must be in (0, 1]; got {fraction}")
+        if score not in CHUNK_SCORES:
+            raise ValueError(f"kv_chunk_score must be one of {', '.join(CHUNK_SCORES)}; "
+                             f"got {score!r}")
         keep = max(1, math.ceil(fraction * self.length))
         if keep >= self.stored_tokens:
             return self
-        score = torch.full_like(self.received, float("-inf"))   # only stored tokens compete
-        score.scatter_(2, self.offsets, self.received.gather(2, self.offsets))
-        score[..., 0] = torch.where(self.offsets[..., 0] == 0, float("inf"), score[..., 0])
-        kept = score.topk(keep, dim=-1).indices.sort(dim=-1).values     # [L, H, keep]
+        per_token = (self.received if score == "attention"
+                     else self.surprisal.expand_as(self.received))
+        ranked = torch.full_like(self.received, float("-inf"))  # only stored tokens compete
+        ranked.scatter_(2, self.offsets, per_token.gather(2, self.offsets))
+        ranked[..., 0] = torch.where(self.offsets[..., 0] == 0, float("inf"), ranked[..., 0])
+        kept = ranked.topk(keep, dim=-1).indices.sort(dim=-1).values     # [L, H, keep]
         slots = _slots_of(self.offsets, kept)
         gather = slots[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         return StoredChunk(keys=self.keys.gather(2, gather), values=self.values.gather(2, gather),
-                           offsets=kept, outside=self.outside, received=self.received)
+                           offsets=kept, outside=self.outside, received=self.received,
+                           surprisal=self.surprisal)
 
 
 def _slots_of(offsets: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:

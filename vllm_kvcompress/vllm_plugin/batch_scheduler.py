@@ -6,8 +6,9 @@ Admission: before each step, the count of waiting requests whose peak pages fit
 which then admits them in its order and allocates as usual: nothing else changes.
 
 Holding: when a member of a `kv_group` frees its pages (finished, aborted or preempted),
-the pages it shares with a member still to run get one more reference, so no eviction can
-take them; the last member reading a page drops it when it ends. Held pages are counted by
+the pages it shares with a member still to run (or, with `kv_group_size`, still to
+arrive) get one more reference, so no eviction can take them; the last member reading a
+page drops it when it ends. Held pages are counted by
 vLLM's pool as in use, so the accounting stays vLLM's; if nothing runs and the next
 request does not fit beside them, the holds give way.
 """
@@ -20,6 +21,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvcompress.sharing.batch_scheduling import (
     GROUP_KEY,
+    GROUP_SIZE_KEY,
     Candidate,
     GroupMembers,
     admissible,
@@ -38,7 +40,9 @@ class BatchScheduler(Scheduler):
     def add_request(self, request) -> None:
         group = request_group(request)
         if self.batch_scheduling and group is not None and request.request_id not in self.requests:
-            self.members.add(group, request.request_id, request.block_hashes)
+            size = request.sampling_params.extra_args.get(GROUP_SIZE_KEY)
+            self._let_go(group, self.members.add(group, request.request_id,
+                                                 request.block_hashes, size))
         super().add_request(request)
 
     def schedule(self, *args, **kwargs):
@@ -102,15 +106,19 @@ class BatchScheduler(Scheduler):
     def _free_request(self, request, *args, **kwargs):
         result = super()._free_request(request, *args, **kwargs)
         group = self.members.group_of.get(request.request_id)
-        done = self.members.remove(request.request_id)
-        held = self.held.get(group)
-        if held is not None:
-            blocks = [held.pop(page) for page in done if page in held]
-            if not held:
-                del self.held[group]
-            if blocks:
-                self.release_held(blocks)
+        self._let_go(group, self.members.remove(request.request_id))
         return result
+
+    def _let_go(self, group: Hashable, pages: list[Hashable]) -> None:
+        """Release the group's held pages among `pages`: no member reads or awaits them."""
+        held = self.held.get(group)
+        if held is None:
+            return
+        blocks = [held.pop(page) for page in pages if page in held]
+        if not held:
+            del self.held[group]
+        if blocks:
+            self.release_held(blocks)
 
     def _hold_shared_pages(self, request) -> None:
         """Keep the cached pages `request` shares with an unfinished member of its group."""

@@ -14,7 +14,13 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm_kvcompress.config import KVCompressConfigError
 from vllm_kvcompress.vllm_plugin.engine_setup import BLOCK_SIZE
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import chunked_peak_pages
-from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY, valid_group
+from vllm_kvcompress.sharing.batch_scheduling import (
+    GROUP_KEY,
+    GROUP_SIZE_KEY,
+    MAX_GROUP_SIZE,
+    valid_group,
+    valid_group_size,
+)
 from vllm_kvcompress.sharing.chunks import CHUNKS_KEY, validate_chunks
 from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
@@ -28,6 +34,7 @@ from vllm_kvcompress.vllm_plugin.request_settings import (
 SCHEDULING_HINTS = (
     (HINT_KEY, valid_hint, f"{', '.join(HINTS)}, or a list of 0/1 per prompt page"),
     (GROUP_KEY, valid_group, "a non-empty string of at most 256 characters or an integer"),
+    (GROUP_SIZE_KEY, valid_group_size, f"an integer from 1 to {MAX_GROUP_SIZE}, with kv_group"),
 )
 
 
@@ -40,6 +47,11 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
             raise VLLMValidationError(
                 f"invalid {key} in vllm_xargs: {value!r}; allowed values: {allowed}",
                 parameter="vllm_xargs", value={key: value})
+    extra = params.extra_args or {}
+    if extra.get(GROUP_SIZE_KEY) is not None and extra.get(GROUP_KEY) is None:
+        raise VLLMValidationError(f"{GROUP_SIZE_KEY} in vllm_xargs needs {GROUP_KEY}: the "
+                                  f"size of which group?", parameter="vllm_xargs",
+                                  value={GROUP_SIZE_KEY: extra[GROUP_SIZE_KEY]})
     given = {k: v for k, v in (params.extra_args or {}).items() if k in REQUEST_KEYS}
     if not given:
         return
