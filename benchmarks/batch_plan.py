@@ -1,7 +1,8 @@
 """An offline batch of tree-shaped prompts: stock vLLM in the user's (shuffled) order and
 sorted, against the batch planner (sharing/batch_plan.py) with vLLM's admission and with
 batch scheduling (`--kv-scheduling batch`: admission by peak pages, group prefixes held),
-with and without compression.
+with and without compression, and with each document's prefix kept once at CR 8 by a
+leader request and read by its questions uncompressed (sharing/group_prefix.py).
 
 The workload is token ids: system prompts -> documents -> questions (BatchLLM's shape),
 output lengths varying within each document's group, shuffled with a fixed seed. Every
@@ -41,6 +42,7 @@ from vllm_kvcompress.bundled_models import DEFAULT_MODEL, model_path
 from vllm_kvcompress.cpu_features import default_dtype
 from vllm_kvcompress.llm import plan_batch_for
 from vllm_kvcompress.sharing.batch_plan import BatchPlan
+from vllm_kvcompress.sharing.group_prefix import with_leaders
 
 PAGE_TOKENS = 32
 
@@ -90,31 +92,57 @@ def tree_workload(args) -> tuple[list[list[int]], list[int]]:
     return [prompts[i] for i in order], [outputs[i] for i in order]
 
 
-def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
-        plan: BatchPlan | None) -> dict:
+def planned_requests(prompts, outputs, order: list[int], config: dict,
+                     plan: BatchPlan | None) -> list[tuple]:
+    """(request id, prompt, params, counted) in submission order."""
+    requests = []
+    for i in order:
+        extra = None
+        if plan is not None:    # what vllm_kvcompress.LLM.generate sends
+            extra = plan.extra_args(i, hints=True, groups=config.get("kv_scheduling") == "batch")
+        params = SamplingParams(max_tokens=outputs[i], temperature=0, ignore_eos=True,
+                                extra_args=extra)
+        requests.append((f"r{i}", prompts[i], params, True))
+    return requests
+
+
+def group_prefix_requests(prompts, outputs, plan: BatchPlan, rate: int) -> list[tuple]:
+    """The plan's order with each prefix group's leader before its members, as
+    `vllm_kvcompress.LLM.generate(..., group_prefix_rate=rate)` submits it."""
+    requests = []
+    for number, sub in enumerate(with_leaders(prompts, plan.order, PAGE_TOKENS, rate)):
+        if sub.index is None:
+            params = SamplingParams(max_tokens=1, temperature=0, extra_args=sub.extra)
+            requests.append((f"lead{number}", sub.prompt, params, False))
+            continue
+        extra = plan.extra_args(sub.index, hints=True, groups=True) | sub.extra
+        params = SamplingParams(max_tokens=outputs[sub.index], temperature=0, ignore_eos=True,
+                                extra_args=extra)
+        requests.append((f"r{sub.index}", sub.prompt, params, True))
+    return requests
+
+
+def run(model_dir: str, args, requests: list[tuple], config: dict) -> dict:
     llm = LLM(model_dir, enforce_eager=True, dtype=args.dtype, seed=0, max_model_len=2048,
               block_size=PAGE_TOKENS, enable_prefix_caching=True,
               num_gpu_blocks_override=args.kv_pages + 1, additional_config=config)
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
     pool = scheduler.kv_cache_manager.block_pool
+    counted = {rid for rid, _, _, count in requests if count}
     try:
-        for i in order:
-            extra = None
-            if plan is not None:    # what vllm_kvcompress.LLM.generate sends
-                extra = plan.extra_args(i, hints=True,
-                                        groups=config.get("kv_scheduling") == "batch")
-            params = SamplingParams(max_tokens=outputs[i], temperature=0, ignore_eos=True,
-                                    extra_args=extra)
-            engine.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, params)
+        for rid, prompt, params, _ in requests:
+            engine.add_request(rid, {"prompt_token_ids": prompt}, params)
         preemptions: dict[str, int] = {}
-        steps = cached = output_tokens = peak = running = 0
+        steps = computed = output_tokens = peak = running = 0
         started = time.perf_counter()
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.finished:
-                    cached += output.num_cached_tokens or 0
-                    output_tokens += len(output.outputs[0].token_ids)
+                    # Every prompt token computed, leaders' included; outputs of requests.
+                    computed += len(output.prompt_token_ids) - (output.num_cached_tokens or 0)
+                    if output.request_id in counted:
+                        output_tokens += len(output.outputs[0].token_ids)
             steps += 1
             running += len(scheduler.running)
             peak = max(peak, pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
@@ -124,12 +152,12 @@ def run(model_dir: str, args, prompts, outputs, order: list[int], config: dict,
         engine.engine_core.shutdown()
         del llm
         gc.collect()
-    prompt_tokens = sum(map(len, prompts))
+    prompt_tokens = sum(len(prompt) for rid, prompt, _, _ in requests if rid in counted)
     return dict(wall_s=wall, output_tok_per_s=output_tokens / wall,
                 total_tok_per_s=(prompt_tokens + output_tokens) / wall,
-                computed_prompt_tokens=prompt_tokens - cached, hit_rate=cached / prompt_tokens,
+                computed_prompt_tokens=computed, hit_rate=1 - computed / prompt_tokens,
                 peak_pages=peak, preemptions=sum(preemptions.values()), steps=steps,
-                tokens_per_step=(prompt_tokens - cached + output_tokens) / steps,
+                tokens_per_step=(computed + output_tokens) / steps,
                 mean_running=running / steps)
 
 
@@ -148,13 +176,21 @@ def main() -> None:
     batch = {**planned, "kv_scheduling": "batch"}
     compressed = {"kv_policy": args.policy, "budget": budget, "kv_interval": args.interval}
     cr = f"{args.policy} CR {args.compression_rate}"
+    by_prompt = sorted(shuffled, key=lambda i: prompts[i])
     settings = [
-        ("stock vLLM, shuffled", shuffled, {}, None),
-        ("stock vLLM, sorted", sorted(shuffled, key=lambda i: prompts[i]), {}, None),
-        ("planner, vLLM admission", plan.order, planned, plan),
-        ("planner, batch scheduling", plan.order, batch, plan),
-        (f"planner, vLLM admission, {cr}", plan.order, {**planned, **compressed}, plan),
-        (f"planner, batch scheduling, {cr}", plan.order, {**batch, **compressed}, plan),
+        ("stock vLLM, shuffled", planned_requests(prompts, outputs, shuffled, {}, None), {}),
+        ("stock vLLM, sorted", planned_requests(prompts, outputs, by_prompt, {}, None), {}),
+        ("planner, vLLM admission", planned_requests(prompts, outputs, plan.order, planned, plan),
+         planned),
+        ("planner, batch scheduling", planned_requests(prompts, outputs, plan.order, batch, plan),
+         batch),
+        (f"planner, vLLM admission, {cr}",
+         planned_requests(prompts, outputs, plan.order, planned, plan), {**planned, **compressed}),
+        (f"planner, batch scheduling, {cr}",
+         planned_requests(prompts, outputs, plan.order, batch, plan), {**batch, **compressed}),
+        (f"planner, batch scheduling, group prefixes kept at CR {args.compression_rate}",
+         group_prefix_requests(prompts, outputs, plan, args.compression_rate),
+         {**batch, **compressed}),
     ]
     if args.only is not None:
         settings = [row for i, row in enumerate(settings) if i == 1 or i in args.only]
@@ -166,8 +202,8 @@ def main() -> None:
           f"{PAGE_TOKENS}, load average {os.getloadavg()[0]:.1f}")
     runs: dict[str, list[dict]] = {label: [] for label, *_ in settings}
     for _ in range(args.rounds):     # interleaved: a slow spell hits every setting
-        for label, order, config, given_plan in settings:
-            runs[label].append(run(model_dir, args, prompts, outputs, order, config, given_plan))
+        for label, requests, config in settings:
+            runs[label].append(run(model_dir, args, requests, config))
     results = [{"setting": label, "walls_s": [r["wall_s"] for r in runs[label]],
                 **min(runs[label], key=lambda r: r["wall_s"])} for label, *_ in settings]
     sorted_tps = next(r for r in results if r["setting"] == "stock vLLM, sorted")["total_tok_per_s"]

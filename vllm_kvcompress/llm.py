@@ -11,6 +11,7 @@ from vllm import SamplingParams
 
 from vllm_kvcompress.config import resolve_settings
 from vllm_kvcompress.sharing.batch_plan import BatchPlan, plan_batch
+from vllm_kvcompress.sharing.group_prefix import with_leaders
 
 
 class LLM(vllm.LLM):
@@ -21,7 +22,9 @@ class LLM(vllm.LLM):
     `additional_config`; everything else, progress bars included, is vLLM's.
     `generate` runs a batch in its prefix tree's order (outputs in the input order),
     with each request's group (`kv_group`) under `kv_scheduling="batch"`;
-    `plan_batch=False` submits it as given.
+    `plan_batch=False` submits it as given. `group_prefix_rate=8` keeps each group's
+    shared prefix once at 1/8 of its tokens (a leader request compresses it with the
+    server's policy), read by the group's requests, which then run uncompressed.
     """
 
     def __init__(self, model: str, *, kv_policy: str | None = None, budget: int | None = None,
@@ -43,9 +46,13 @@ class LLM(vllm.LLM):
         self.last_plan: BatchPlan | None = None
 
     def generate(self, prompts, sampling_params=None, *, plan_batch: bool = True,
-                 lora_request=None, priority=None, **kwargs):
+                 group_prefix_rate: int | None = None, lora_request=None, priority=None,
+                 **kwargs):
         token_ids = self._plannable(prompts) if plan_batch else None
         if token_ids is None:
+            if group_prefix_rate is not None:
+                raise ValueError("group_prefix_rate needs plan_batch=True and two or more "
+                                 "prompts given as text or token ids")
             return super().generate(prompts, sampling_params, lora_request=lora_request,
                                     priority=priority, **kwargs)
         count = len(token_ids)
@@ -56,7 +63,12 @@ class LLM(vllm.LLM):
         hints = (self.kv_settings.kv_cache_replacement == "predicted"
                  and cache.enable_prefix_caching)
         groups = self.kv_settings.kv_scheduling == "batch"
-        params = [_with_extra(p, plan.extra_args(i, hints, groups)) for i, p in enumerate(params)]
+        extras = [plan.extra_args(i, hints, groups) for i in range(count)]
+        if group_prefix_rate is not None:
+            return self._generate_with_leaders(token_ids, params, extras, plan,
+                                               group_prefix_rate, lora_request, priority,
+                                               **kwargs)
+        params = [_with_extra(p, extra) for p, extra in zip(params, extras)]
         order = plan.order
 
         def reorder(values):
@@ -68,6 +80,35 @@ class LLM(vllm.LLM):
         in_input_order = [None] * count
         for index, output in zip(order, outputs):
             in_input_order[index] = output
+        return in_input_order
+
+    def _generate_with_leaders(self, token_ids, params, extras, plan: BatchPlan, rate: int,
+                               lora_request, priority, **kwargs):
+        """Each prefix group's prefix kept once at 1 / rate of its tokens by a leader
+        request and read by its members uncompressed (sharing/group_prefix.py)."""
+        settings = self.kv_settings
+        if not settings.enabled or settings.kv_scheduling != "batch":
+            raise ValueError("group_prefix_rate needs compression on (kv_policy, e.g. "
+                             "snapkv) and kv_scheduling='batch'")
+        submissions = with_leaders(token_ids, plan.order, self.llm_engine.vllm_config
+                                   .cache_config.block_size, rate)
+        leader = SamplingParams(max_tokens=1, temperature=0)
+
+        def per_submission(values, default):
+            if not isinstance(values, Sequence):
+                return values
+            return [default if s.index is None else values[s.index] for s in submissions]
+
+        sub_params = [_with_extra(leader, s.extra) if s.index is None
+                      else _with_extra(params[s.index], extras[s.index] | s.extra)
+                      for s in submissions]
+        outputs = super().generate([{"prompt_token_ids": s.prompt} for s in submissions],
+                                   sub_params, lora_request=per_submission(lora_request, None),
+                                   priority=per_submission(priority, 0), **kwargs)
+        in_input_order = [None] * len(token_ids)
+        for sub, output in zip(submissions, outputs):
+            if sub.index is not None:
+                in_input_order[sub.index] = output
         return in_input_order
 
     def _plannable(self, prompts) -> list[list[int]] | None:

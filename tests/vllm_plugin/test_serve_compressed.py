@@ -151,6 +151,8 @@ def test_gauges_count_running_requests_then_go_idle(server, prompts):
     ({"kv_group": ""}, "a non-empty string of at most 256 characters or an integer"),
     ({"kv_group": "g", "kv_group_size": 0}, "invalid kv_group_size"),
     ({"kv_group_size": 3}, "kv_group_size in vllm_xargs needs kv_group"),
+    ({"kv_group_prefix": True}, "kv_group_prefix in vllm_xargs needs kv_group"),
+    ({"kv_group_prefix": True, "kv_group": "g"}, "--kv-scheduling batch"),
     ({"kv_quality": 0.9}, "needs kv_quality_curves"),
     ({"kv_quality": 0.9, "budget": 64}, "give one of them"),
     ({"kv_chunks": [0, 4, 2, 6]}, "kv_chunks span [2, 6] overlaps"),

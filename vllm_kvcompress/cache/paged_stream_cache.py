@@ -138,6 +138,20 @@ class PagedStreamCache:
         self.tables.used_blocks[:, slot] = num_pages * heads
         self.shared_pages[slot] = num_pages
 
+    def share_streams(self, slot: int, block_tables: torch.Tensor, length: int) -> None:
+        """Start request `slot`'s empty streams on another request's streams that fill
+        whole head-blocks: block_tables [L, H, B] (every stream `length` = B * block_size
+        tokens) in the first B pages of this request, which it only reads."""
+        num_blocks = block_tables.shape[-1]
+        if length != num_blocks * self.block_size or num_blocks > self._page_counts[slot]:
+            raise ValueError(f"request slot {slot}: shared streams of {length} tokens must "
+                             f"fill {num_blocks} head-blocks among its {self._page_counts[slot]} pages")
+        self.tables.block_tables[:, slot, :, :num_blocks] = block_tables.to(self.device)
+        self.tables.lengths[:, slot] = length
+        self.length_bounds[:, slot] = length
+        self.tables.used_blocks[:, slot] = num_blocks * self.num_kv_heads
+        self.shared_pages[slot] = num_blocks
+
     def drop_leading_pages(self, slot: int, count: int) -> None:
         """Take request `slot`'s first `count` pages off its page list, just before every
         layer of it is compacted: the compaction then writes its survivors to the pages

@@ -64,8 +64,9 @@ class BatchScheduler(Scheduler):
 
         def candidates():
             for request in self.waiting:
-                pages = request.block_hashes[: request.num_tokens // self.block_size]
-                yield Candidate(pages, max(self.peak_pages(request) - len(pages), 0))
+                if self.waits_for_leader(request):
+                    return
+                yield self.admission_candidate(request)
 
         def in_use(page) -> bool:
             cached = pool.get_cached_block(page, [0]) if pool.enable_caching else None
@@ -79,6 +80,18 @@ class BatchScheduler(Scheduler):
                 self.release_held(list(self.held.pop(group).values()))
             return self._num_admissible(limit)
         return 1        # larger than all of memory: it runs alone (vLLM's checks apply)
+
+    def admission_candidate(self, request) -> Candidate:
+        pages = request.block_hashes[: request.num_tokens // self.block_size]
+        return Candidate(pages, max(self.peak_pages(request) - len(pages), 0))
+
+    def waits_for_leader(self, request) -> bool:
+        """The request reads a group prefix whose leader has not ended (scheduler.py)."""
+        return False
+
+    def holds_pages_of(self, group: Hashable) -> bool:
+        """Whether a group's members keep each other's cached pages."""
+        return True
 
     def final_len(self, request) -> int:
         """Tokens the request holds when it ends: its prompt and max_tokens outputs."""
@@ -123,7 +136,7 @@ class BatchScheduler(Scheduler):
     def _hold_shared_pages(self, request) -> None:
         """Keep the cached pages `request` shares with an unfinished member of its group."""
         shared = self.members.pages_still_needed(request.request_id)
-        if not shared:
+        if not shared or not self.holds_pages_of(self.members.group_of[request.request_id]):
             return
         pool = self.kv_cache_manager.block_pool
         held = self.held.setdefault(self.members.group_of[request.request_id], {})

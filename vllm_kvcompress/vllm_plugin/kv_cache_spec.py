@@ -88,6 +88,9 @@ class CompressedAttentionManager(FullAttentionManager):
         self.pages_released = 0
         # Most tokens one step brings a request (vLLM's token budget; set by the scheduler).
         self.max_step_tokens = 1
+        # request id -> prompt tokens it reads from a group's compressed prefix without a
+        # page of its own for them (the prefix's pages hold fewer tokens than it stands for)
+        self.prefix_reads: dict[str, int] = {}
 
     def compressed_at(self, request_id: str) -> int:
         """Tokens processed at the request's first compression since it (re)started; 0: none."""
@@ -121,10 +124,11 @@ class CompressedAttentionManager(FullAttentionManager):
                                    prefill_end=0) -> int:
         schedule = self.schedules.get(request_id)
         if schedule is None:
+            saved = self.prefix_reads.get(request_id, 0)
             return super().get_num_blocks_to_allocate(
-                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
-                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
-                prefill_end)
+                request_id, num_tokens - saved, new_computed_blocks,
+                total_computed_tokens - saved, num_local_computed_tokens - saved,
+                num_tokens_main_model - saved, apply_admission_cap, prefill_end)
         needed = self._pages_for_step(request_id, schedule, total_computed_tokens, num_tokens)
         if apply_admission_cap and schedule.prefill_mode == "chunked":
             # vLLM's admission asks for the whole sequence at once; in chunked mode the
@@ -137,7 +141,9 @@ class CompressedAttentionManager(FullAttentionManager):
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         schedule = self.schedules.get(request_id)
         if schedule is None:
-            return super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+            saved = self.prefix_reads.get(request_id, 0)
+            return super().allocate_new_blocks(request_id, num_tokens - saved,
+                                               num_tokens_main_model - saved)
         computed, prompt_len = self._step.get(request_id, (0, 0))
         needed = self._pages_for_step(request_id, schedule, computed, num_tokens)
         # This step is going to run: note the first compression it brings.
@@ -153,6 +159,13 @@ class CompressedAttentionManager(FullAttentionManager):
             self.new_block_ids.extend(block.block_id for block in new_blocks)
         return new_blocks
 
+    def add_local_computed_blocks(self, request_id, new_computed_blocks,
+                                  num_local_computed_tokens, num_external_computed_tokens) -> None:
+        saved = self.prefix_reads.get(request_id, 0)
+        super().add_local_computed_blocks(request_id, new_computed_blocks,
+                                          num_local_computed_tokens - saved,
+                                          num_external_computed_tokens)
+
     def _pages_for_step(self, request_id: str, schedule: CompressionSchedule,
                         num_computed: int, num_tokens: int) -> int:
         prompt_len = self._step.get(request_id, (0, 0))[1]
@@ -167,6 +180,8 @@ class CompressedAttentionManager(FullAttentionManager):
         schedule = self.schedules.get(request.request_id)
         if schedule is not None and not schedule.shared_prefix:
             return
+        if request.request_id in self.prefix_reads:   # its first pages hold compressed KV
+            return
         num_tokens = min(num_tokens, self._compressed_at.get(request.request_id, num_tokens))
         super().cache_blocks(request, num_tokens, retention_interval,
                              replay_boundaries=replay_boundaries)
@@ -175,6 +190,7 @@ class CompressedAttentionManager(FullAttentionManager):
         # Freed on finish and on preemption; the schedule stays until the request ends.
         self._step.pop(request_id, None)
         self._compressed_at.pop(request_id, None)
+        self.prefix_reads.pop(request_id, None)
         return super().pop_blocks_for_free(request_id)
 
 

@@ -22,6 +22,7 @@ from vllm_kvcompress.sharing.batch_scheduling import (
     valid_group_size,
 )
 from vllm_kvcompress.sharing.chunks import CHUNKS_KEY, validate_chunks
+from vllm_kvcompress.sharing.group_prefix import GROUP_PREFIX_KEY, PREFIX_POLICIES, is_leader
 from vllm_kvcompress.sharing.predictors import HINT_KEY, HINTS, valid_hint
 from vllm_kvcompress.vllm_plugin.request_settings import (
     REQUEST_KEYS,
@@ -52,6 +53,8 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
         raise VLLMValidationError(f"{GROUP_SIZE_KEY} in vllm_xargs needs {GROUP_KEY}: the "
                                   f"size of which group?", parameter="vllm_xargs",
                                   value={GROUP_SIZE_KEY: extra[GROUP_SIZE_KEY]})
+    if is_leader(extra):
+        _check_group_prefix(vllm_config, extra)
     given = {k: v for k, v in (params.extra_args or {}).items() if k in REQUEST_KEYS}
     if not given:
         return
@@ -63,6 +66,36 @@ def validate_request(vllm_config, params: SamplingParams) -> None:
     except KVCompressConfigError as exc:
         raise VLLMValidationError(f"invalid KV compression setting in vllm_xargs: {exc}",
                                   parameter="vllm_xargs", value=given) from None
+
+
+def _check_group_prefix(vllm_config, extra: dict) -> None:
+    """A group's leader: its prompt is the prefix the members read, so its streams must
+    fill whole pages alike (sharing/group_prefix.py) and batch scheduling must track the
+    group's members."""
+    server = server_settings(vllm_config)
+    problem = None
+    if extra.get(GROUP_PREFIX_KEY) is not True:
+        problem = "must be true"
+    elif extra.get(GROUP_KEY) is None:
+        problem = f"needs {GROUP_KEY}"
+    elif not server.enabled or server.kv_scheduling != "batch":
+        problem = "needs a server started with compression on (--kv-policy) and --kv-scheduling batch"
+    elif not vllm_config.cache_config.enable_prefix_caching:
+        problem = "needs prefix caching on"
+    else:
+        try:
+            settings = resolve_request_settings(server, extra, vllm_config.model_config.max_model_len)
+        except KVCompressConfigError:
+            return      # reported with the other compression settings
+        if settings.enabled and settings.kv_policy not in PREFIX_POLICIES:
+            problem = (f"compresses with kv_policy {settings.kv_policy}; allowed: "
+                       f"{', '.join(PREFIX_POLICIES)} or none (every head keeps its budget)")
+        elif settings.enabled and settings.budget % BLOCK_SIZE:
+            problem = f"needs a budget that is a multiple of {BLOCK_SIZE}; got {settings.budget}"
+    if problem is not None:
+        raise VLLMValidationError(f"{GROUP_PREFIX_KEY} in vllm_xargs {problem}",
+                                  parameter="vllm_xargs",
+                                  value={GROUP_PREFIX_KEY: extra.get(GROUP_PREFIX_KEY)})
 
 
 def _check_chunks(vllm_config, chunks) -> None:

@@ -10,6 +10,7 @@ the per-head tables and compresses the layer's streams that are due.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -32,6 +33,8 @@ from vllm_kvcompress.policies import Policy, StreamBatch
 from vllm_kvcompress.policies.budgets import attention_density
 from vllm_kvcompress.policies.selection import SecondTier
 from vllm_kvcompress.scorers.scorer_states import ScorerStates
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY
+from vllm_kvcompress.sharing.group_prefix import READS_GROUP_PREFIX, is_leader
 from vllm_kvcompress.scorers.trained_scorer import TrainedScorer
 from vllm_kvcompress.vllm_plugin.cpu_attention import (
     NativeCPUAttention,
@@ -39,6 +42,7 @@ from vllm_kvcompress.vllm_plugin.cpu_attention import (
     native_attention_supported,
 )
 from vllm_kvcompress.vllm_plugin.device_clock import DeviceClock
+from vllm_kvcompress.vllm_plugin.group_prefix_tables import GroupPrefixTables
 from vllm_kvcompress.vllm_plugin.kv_cache_spec import max_block_entries, schedule_for
 from vllm_kvcompress.vllm_plugin.metrics import CompressionMetrics
 from vllm_kvcompress.vllm_plugin.request_settings import (
@@ -67,6 +71,10 @@ class RequestStreams:
     num_tokens: int = 0
     # Whether the runtime's layer_densities row of this request holds its densities.
     densities_recorded: bool = False
+    # Its kv_group; whether it leads the group's compressed prefix or starts on it.
+    group: Hashable | None = None
+    leads_group_prefix: bool = False
+    reads_group_prefix: bool = False
 
 
 @dataclass
@@ -232,9 +240,21 @@ class CompressionRuntime:
         self.requests: dict[str, RequestStreams] = {}
         self.free_slots = list(range(max_requests - 1, -1, -1))
         self.metrics = CompressionMetrics(publish=get_tensor_model_parallel_rank() == 0)
+        self.group_prefixes = GroupPrefixTables(self.cache, self.prefix_caching)
         self.clock = DeviceClock(self.cache.device)
 
     # ----- request lifecycle -----
+
+    def end(self, req_ids) -> None:
+        """Requests finished or aborted: a group's leader leaves its tables, then all go."""
+        for req_id in req_ids:
+            streams = self.requests.get(req_id)
+            if streams is not None and streams.leads_group_prefix:
+                self.group_prefixes.keep(
+                    streams.group, streams.slot, streams.prompt_len, streams.num_tokens,
+                    streams.settings.budget if streams.schedule else None,
+                    bool(streams.first_compressed_at))
+        self.forget(req_ids)
 
     def forget(self, req_ids) -> None:
         """Drop finished, aborted or preempted requests (vLLM frees their pages)."""
@@ -256,7 +276,10 @@ class CompressionRuntime:
         schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
                                 self.head_size, self.dtype)
         streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
-                                 prompt_len=req_state.num_prompt_tokens)
+                                 prompt_len=req_state.num_prompt_tokens,
+                                 group=(extra_args or {}).get(GROUP_KEY),
+                                 leads_group_prefix=is_leader(extra_args),
+                                 reads_group_prefix=bool((extra_args or {}).get(READS_GROUP_PREFIX)))
         self.requests[req_id] = streams
         if policy is not None and policy.write_scorer is not None:
             self.scorer_states.clear(policy.write_scorer, streams.slot)
@@ -273,8 +296,14 @@ class CompressionRuntime:
         new_pages = block_ids[streams.block_entries_seen:]
         if new_pages:
             self.cache.add_pages(streams.slot, new_pages)
+        shared = 0
         if streams.block_entries_seen == 0 and num_computed:
-            self.cache.share_prefix(streams.slot, num_computed)
+            if streams.reads_group_prefix:
+                self.group_prefixes.attach(streams.group, streams.slot)
+            else:
+                self.cache.share_prefix(streams.slot, num_computed)
+            shared = self.cache.shared_pages[streams.slot]
+        self.group_prefixes.pages_reused(new_pages[shared:])
         streams.block_entries_seen = len(block_ids)
 
     # ----- per step -----

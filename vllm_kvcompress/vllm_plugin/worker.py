@@ -51,7 +51,7 @@ class CompressionWorker:
     def execute_model(self, scheduler_output):
         runtime = runtime_registry.get()
         if runtime is not None:
-            runtime.forget(scheduler_output.finished_req_ids)
+            runtime.end(scheduler_output.finished_req_ids)
             runtime.forget(scheduler_output.preempted_req_ids or ())
         started = self.step_clock.start()
         output = super().execute_model(scheduler_output)
