@@ -145,7 +145,8 @@ class PagedStreamCache:
         num_blocks = block_tables.shape[-1]
         if length != num_blocks * self.block_size or num_blocks > self._page_counts[slot]:
             raise ValueError(f"request slot {slot}: shared streams of {length} tokens must "
-                             f"fill {num_blocks} head-blocks among its {self._page_counts[slot]} pages")
+                             f"fill {num_blocks} head-blocks among its "
+                             f"{self._page_counts[slot]} pages")
         self.tables.block_tables[:, slot, :, :num_blocks] = block_tables.to(self.device)
         self.tables.lengths[:, slot] = length
         self.length_bounds[:, slot] = length

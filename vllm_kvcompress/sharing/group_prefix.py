@@ -57,7 +57,8 @@ def is_leader(extra_args: dict | None) -> bool:
     return bool((extra_args or {}).get(GROUP_PREFIX_KEY))
 
 
-def kept_tokens(prompt_len: int, budget: int | None, compressed: bool, block_size: int) -> int | None:
+def kept_tokens(prompt_len: int, budget: int | None, compressed: bool,
+                block_size: int) -> int | None:
     """Tokens each stream of a leader holds when it ends, or None if its pages cannot be
     shared (streams that do not fill whole pages)."""
     tokens = budget if compressed else prompt_len

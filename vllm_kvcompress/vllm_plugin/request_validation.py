@@ -79,12 +79,14 @@ def _check_group_prefix(vllm_config, extra: dict) -> None:
     elif extra.get(GROUP_KEY) is None:
         problem = f"needs {GROUP_KEY}"
     elif not server.enabled or server.kv_scheduling != "batch":
-        problem = "needs a server started with compression on (--kv-policy) and --kv-scheduling batch"
+        problem = ("needs a server started with compression on (--kv-policy) and "
+                   "--kv-scheduling batch")
     elif not vllm_config.cache_config.enable_prefix_caching:
         problem = "needs prefix caching on"
     else:
         try:
-            settings = resolve_request_settings(server, extra, vllm_config.model_config.max_model_len)
+            settings = resolve_request_settings(server, extra,
+                                                vllm_config.model_config.max_model_len)
         except KVCompressConfigError:
             return      # reported with the other compression settings
         if settings.enabled and settings.kv_policy not in PREFIX_POLICIES:

@@ -275,11 +275,11 @@ class CompressionRuntime:
         policy = policy_for(settings) if settings.enabled else None
         schedule = schedule_for(settings, self.block_size, self.num_layers, self.prefix_caching,
                                 self.head_size, self.dtype)
+        extra = extra_args or {}
         streams = RequestStreams(self.free_slots.pop(), settings, schedule, policy,
                                  prompt_len=req_state.num_prompt_tokens,
-                                 group=(extra_args or {}).get(GROUP_KEY),
-                                 leads_group_prefix=is_leader(extra_args),
-                                 reads_group_prefix=bool((extra_args or {}).get(READS_GROUP_PREFIX)))
+                                 group=extra.get(GROUP_KEY), leads_group_prefix=is_leader(extra),
+                                 reads_group_prefix=bool(extra.get(READS_GROUP_PREFIX)))
         self.requests[req_id] = streams
         if policy is not None and policy.write_scorer is not None:
             self.scorer_states.clear(policy.write_scorer, streams.slot)

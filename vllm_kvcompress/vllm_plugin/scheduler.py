@@ -156,7 +156,8 @@ class KVCompressScheduler(PrefixCacheScheduler):
         if not self.pending_leaders[group]:
             del self.pending_leaders[group]
         manager, request_id = self.compressed_manager, request.request_id
-        schedule, compressed_at = manager.schedules.get(request_id), manager.compressed_at(request_id)
+        schedule = manager.schedules.get(request_id)
+        compressed_at = manager.compressed_at(request_id)
         tokens = kept_tokens(request.num_prompt_tokens, schedule and schedule.budget,
                              compressed_at > 0, self.block_size)
         if request.num_computed_tokens < request.num_prompt_tokens:
