@@ -74,7 +74,7 @@ def _check_group_prefix(vllm_config, extra: dict) -> None:
     group's members."""
     server = server_settings(vllm_config)
     problem = None
-    if extra.get(GROUP_PREFIX_KEY) is not True:
+    if extra.get(GROUP_PREFIX_KEY) not in (True, 1):   # vLLM's schema turns JSON true to 1
         problem = "must be true"
     elif extra.get(GROUP_KEY) is None:
         problem = f"needs {GROUP_KEY}"
