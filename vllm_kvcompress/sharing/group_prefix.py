@@ -69,8 +69,8 @@ def kept_tokens(prompt_len: int, budget: int | None, compressed: bool,
 
 @dataclass
 class PrefixGroup:
-    """Requests (batch indices) whose prompts all start with `prefix_len` tokens (whole
-    pages) of `prompt`, the one they share longest with another request."""
+    """Requests (batch indices) whose prompts all start with the same `prefix_len` tokens
+    (whole pages): the most each of them shares with another request."""
 
     prefix_len: int
     members: list[int]
