@@ -95,7 +95,7 @@ class GroupMembers:
             self.sizes[group] = max(size, self.sizes.get(group, 0))
         self.arrived[group] += 1
         common = self.common.get(group)
-        self.common[group] = list(pages) if common is None else _common_prefix(common, pages)
+        self.common[group] = list(pages) if common is None else common_prefix(common, pages)
         readers = self.readers[group]
         return [page for page in kept_before - self._awaited(group) if not readers[page]]
 
@@ -143,7 +143,8 @@ class GroupMembers:
         return list(self.readers)
 
 
-def _common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[Hashable]:
+def common_prefix(a: Sequence[Hashable], b: Sequence[Hashable]) -> list[Hashable]:
+    """The leading items `a` and `b` have in common."""
     common = []
     for x, y in zip(a, b):
         if x != y:

@@ -20,7 +20,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY, GROUP_SIZE_KEY
+from vllm_kvcompress.sharing.batch_scheduling import GROUP_KEY, GROUP_SIZE_KEY, common_prefix
 
 # vllm_xargs key marking a group's leader: its prompt is the prefix to share compressed.
 GROUP_PREFIX_KEY = "kv_group_prefix"
@@ -97,13 +97,8 @@ def prefix_groups(prompts: Sequence[Sequence[int]], page_tokens: int,
 
 
 def _common_full_pages(a: Sequence[int], b: Sequence[int], page_tokens: int) -> int:
-    common = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        common += 1
     # A page is shareable only if a token of each prompt follows it (the member computes it).
-    common = min(common, len(a) - 1, len(b) - 1)
+    common = min(len(common_prefix(a, b)), len(a) - 1, len(b) - 1)
     return common // page_tokens
 
 
